@@ -1,0 +1,1 @@
+"""Qwen2-VL in plain PyTorch."""

@@ -1,0 +1,1 @@
+"""vlbatch pipeline."""
