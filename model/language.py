@@ -1,0 +1,104 @@
+"""Qwen2 decoder with M-RoPE over packed tokens (no batch dim, no padding); attention through a context."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.attention import AttentionContext
+from model.config import Qwen2VLConfig
+from model.rope import MRotary, apply_rotary
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32, scale in the input dtype (as the checkpoints were trained).
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward."""
+
+    def __init__(self, config: Qwen2VLConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with biased q/k/v projections."""
+
+    def __init__(self, config: Qwen2VLConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        )
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=False)
+
+    def forward(self, x, cos, sin, ctx: AttentionContext) -> torch.Tensor:
+        q = self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim))
+        k = self.k_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
+        v = self.v_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return self.o_proj(ctx.attend(self.layer_idx, q, k, v).flatten(1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: Qwen2VLConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, ctx: AttentionContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LanguageModel(nn.Module):
+    """Embeddings, decoder layers and final norm; the LM head lives on the top-level model."""
+
+    def __init__(self, config: Qwen2VLConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = MRotary(config)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        ctx: AttentionContext | None = None,
+        input_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Packed tokens (n,) or embeddings (n, hidden) at positions (3, n) -> final hidden states."""
+        if (input_ids is None) == (input_embeds is None):
+            raise ValueError("pass exactly one of input_ids and input_embeds")
+        x = self.embed_tokens(input_ids) if input_embeds is None else input_embeds
+        if position_ids is None or position_ids.shape != (3, x.shape[0]):
+            raise ValueError(f"position_ids must have shape (3, {x.shape[0]}); build them with model.rope")
+        if ctx is None:
+            raise ValueError("an attention context is required (e.g. attention.PackedPrefill([0, n]))")
+        cos, sin = self.rotary(position_ids.to(x.device), x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, ctx)
+        return self.norm(x)
