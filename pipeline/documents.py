@@ -1,0 +1,254 @@
+"""Document rasterise with PyMuPDF: one row per page (RGB at a target size, plus the page's text layer).
+
+PNG/JPEG/TIFF/BMP/WebP files are one-page documents read with Pillow. Pages stream one at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pymupdf
+from PIL import Image, ImageOps
+
+from pipeline.media import DecodeError, error_row, local_file
+from schemas.jobs import OcrDocumentsJob, parse_page_ranges
+
+IMAGE_EXTENSIONS = frozenset(".png .jpg .jpeg .tif .tiff .bmp .webp".split())
+PDF_POINTS_PER_INCH = 72.0
+
+pymupdf.TOOLS.mupdf_display_errors(False)  # damaged files are reported as error rows, not as stderr noise
+
+
+@dataclass
+class DocumentConfig:
+    """How pages are rendered, which pages are read, and what a document may cost at most."""
+
+    target_longest_side: int | None = 1288  # pixels; used when dpi is None
+    dpi: float | None = None
+    max_pixels: int = 28 * 28 * 16384  # per rendered page: the scale is lowered to fit
+    page_ranges: str | None = None  # "1-3,7,10-"; None: every page
+    keep_text_layer: bool = True
+    max_pages: int = 2000  # selected pages per document
+    max_source_pixels: int = 89_478_485  # raster inputs above this are refused (decompression bombs)
+
+    @classmethod
+    def from_job(cls, job: OcrDocumentsJob, **overrides: Any) -> DocumentConfig:
+        """The rasterise settings of an OCR job."""
+        values = dict(
+            target_longest_side=job.target_longest_side,
+            dpi=job.dpi,
+            max_pixels=job.max_pixels,
+            page_ranges=job.page_ranges,
+            keep_text_layer=job.keep_text_layer,
+            max_pages=job.limits.max_pages_per_document,
+            max_source_pixels=job.limits.max_pixels,
+        )
+        return cls(**{**values, **overrides})
+
+
+def render_scale(
+    width_pt: float, height_pt: float, target_longest_side: int | None, dpi: float | None, max_pixels: int
+) -> float:
+    """Pixels per point: the target longest side (or dpi), lowered so the rendered page fits max_pixels."""
+    if dpi is not None:
+        scale = dpi / PDF_POINTS_PER_INCH
+    elif target_longest_side is not None:
+        scale = target_longest_side / max(width_pt, height_pt)
+    else:
+        raise ValueError("give target_longest_side or dpi")
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be at least 1, not {max_pixels}")
+    # PyMuPDF rounds the pixel box outwards, so check the rounded-up size, not the exact one.
+    while math.ceil(width_pt * scale) * math.ceil(height_pt * scale) > max_pixels:
+        scale = min(scale * 0.999, math.sqrt(max_pixels / (width_pt * height_pt)))
+    return scale
+
+
+def rasterise_page(
+    page: pymupdf.Page,
+    target_longest_side: int | None = 1288,
+    dpi: float | None = None,
+    max_pixels: int = 28 * 28 * 16384,
+) -> np.ndarray:
+    """uint8 HxWx3 RGB of a page; the scale is fixed before rendering, so a huge page never renders huge."""
+    rect = page.rect
+    if rect.width <= 0 or rect.height <= 0:
+        raise ValueError(f"page {page.number + 1} has an empty size ({rect.width}x{rect.height} pt)")
+    scale = render_scale(rect.width, rect.height, target_longest_side, dpi, max_pixels)
+    pix = page.get_pixmap(matrix=pymupdf.Matrix(scale, scale), colorspace=pymupdf.csRGB, alpha=False)
+    pixels = np.frombuffer(pix.samples, dtype=np.uint8).reshape(pix.height, pix.stride)
+    return np.ascontiguousarray(pixels[:, : pix.width * 3].reshape(pix.height, pix.width, 3))
+
+
+def select_pages(spec: str | None, page_count: int) -> list[int]:
+    """0-based indices of the pages a range spec selects, in order, each once, all < page_count."""
+    if spec is None:
+        return list(range(page_count))
+    picked: dict[int, None] = {}
+    for first, last in parse_page_ranges(spec):
+        end = page_count if last is None else min(last, page_count)
+        for number in range(first, end + 1):
+            picked[number - 1] = None
+    return list(picked)
+
+
+def image_target_size(width: int, height: int, cfg: DocumentConfig) -> tuple[int, int]:
+    """(height, width) a raster image of width x height (after EXIF rotation) is given to the model."""
+    scale = 1.0
+    if cfg.dpi is None and cfg.target_longest_side is not None:
+        scale = min(1.0, cfg.target_longest_side / max(width, height))
+    if (width * scale) * (height * scale) > cfg.max_pixels:
+        scale = math.sqrt(cfg.max_pixels / (width * height))
+    if scale >= 1.0:
+        return height, width
+    return max(1, math.floor(height * scale)), max(1, math.floor(width * scale))
+
+
+def _image_page(path: str, uri: str, cfg: DocumentConfig) -> np.ndarray:
+    """RGB of a raster file: alpha on white, EXIF rotation applied, downscaled to the target longest side
+    (never upscaled: that adds no detail) and capped by max_pixels."""
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    try:
+        # Pillow's own guard follows the job's limit (it refuses at twice it; the check below at once).
+        Image.MAX_IMAGE_PIXELS = cfg.max_source_pixels
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError as e:
+        raise DecodeError(
+            f"{uri}: image over limits.max_pixels (a decompression bomb?); raise the limit if it is genuine"
+        ) from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DecodeError(f"{uri}: not a readable image ({e})") from e
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
+    with image:
+        width, height = image.size
+        if width * height > cfg.max_source_pixels:
+            raise DecodeError(
+                f"{uri}: image of {width}x{height} exceeds limits.max_pixels={cfg.max_source_pixels} "
+                "(a decompression bomb?); raise the limit if it is genuine"
+            )
+        try:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                background = Image.new("RGB", image.size, (255, 255, 255))
+                background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+                image = background
+            image = image.convert("RGB")
+        except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt pixel data
+            raise DecodeError(f"{uri}: image data is damaged ({e})") from e
+        height, width = image_target_size(image.width, image.height, cfg)
+        if (width, height) != image.size:
+            image = image.resize((width, height), resample=Image.Resampling.BICUBIC)
+        return np.asarray(image)
+
+
+def _open_pdf(path: str, uri: str) -> pymupdf.Document:
+    # A .pdf is read as PDF whatever its bytes; other names (XPS, EPUB, GIF ... given explicitly) are sniffed.
+    filetype = "pdf" if path.lower().endswith(".pdf") else None
+    try:
+        doc = pymupdf.open(path, filetype=filetype)
+    except Exception as e:  # FileDataError, RuntimeError, EmptyFileError: all mean "cannot be read"
+        raise DecodeError(f"{uri}: not a readable PDF ({e}); the file is damaged or not a PDF") from e
+    if doc.needs_pass:
+        doc.close()
+        raise DecodeError(
+            f"{uri}: the PDF is encrypted with a password; decrypt it (e.g. qpdf --decrypt) first"
+        )
+    if doc.page_count <= 0:
+        # Also what a truncated PDF looks like; asking such a document for doc[-1] spins forever.
+        doc.close()
+        raise DecodeError(f"{uri}: the PDF has no pages (truncated or damaged?)")
+    return doc
+
+
+def iter_document_pages(uri: str, cfg: DocumentConfig) -> Iterator[dict[str, Any]]:
+    """One row per selected page, rendered one at a time; a page that fails is an error row of its own.
+
+    Raises DecodeError (naming the file) when the document as a whole cannot be read or is over a limit.
+    """
+    with local_file(uri) as path:
+        started = time.perf_counter()
+        if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
+            if not select_pages(cfg.page_ranges, 1):
+                raise DecodeError(
+                    f"{uri}: page_ranges {cfg.page_ranges!r} skip page 1, the only page of an image"
+                )
+            pixels = _image_page(path, uri, cfg)
+            yield _page_row(uri, 0, 1, pixels, None, None, None, cfg, started)
+            return
+        doc = _open_pdf(path, uri)
+        with doc:
+            count = doc.page_count
+            pages = select_pages(cfg.page_ranges, count)
+            if not pages:
+                raise DecodeError(f"{uri}: page_ranges {cfg.page_ranges!r} select none of its {count} pages")
+            if len(pages) > cfg.max_pages:
+                raise DecodeError(
+                    f"{uri}: {len(pages)} pages selected, over limits.max_pages_per_document={cfg.max_pages}"
+                )
+            for index in pages:
+                assert 0 <= index < count  # never negative, never past the end (see _open_pdf)
+                try:
+                    page = doc.load_page(index)
+                    pixels = rasterise_page(page, cfg.target_longest_side, cfg.dpi, cfg.max_pixels)
+                    text = page.get_text("text") if cfg.keep_text_layer else None
+                    row = _page_row(
+                        uri, index, count, pixels, text, page.rect.width, page.rect.height, cfg, started
+                    )
+                except Exception as e:  # one bad page must not cost the others
+                    row = error_row({"uri": uri}, "decode", DecodeError(f"{uri}: page {index + 1}: {e}"))
+                    row.update(page_index=index, page_number=index + 1, page_count=count)
+                yield row
+                started = time.perf_counter()
+
+
+def _page_row(
+    uri: str,
+    index: int,
+    count: int,
+    pixels: np.ndarray,
+    text: str | None,
+    width_pt: float | None,
+    height_pt: float | None,
+    cfg: DocumentConfig,
+    started: float,
+) -> dict[str, Any]:
+    return {
+        "uri": uri,
+        "status": "ok",
+        "page_index": index,
+        "page_number": index + 1,
+        "page_count": count,
+        "image": pixels,
+        "height": int(pixels.shape[0]),
+        "width": int(pixels.shape[1]),
+        "page_width_pt": width_pt,
+        "page_height_pt": height_pt,
+        "text_layer": text,
+        "has_text_layer": bool(text and text.strip()) if text is not None else None,
+        "decode_s": time.perf_counter() - started,
+    }
+
+
+class RasteriseDocument:
+    """Ray Data flat_map stage: an item row in, one row per page out; a failure becomes an error row."""
+
+    def __init__(self, cfg: DocumentConfig):
+        self.cfg = cfg
+
+    def __call__(self, row: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        try:
+            for out in iter_document_pages(row["uri"], self.cfg):
+                yield {**row, **out}
+        except Exception as e:  # every input is accounted for: a bad file is a row, not a dead job
+            yield error_row(row, "decode", e, page_index=None)

@@ -1,0 +1,68 @@
+"""Bits the decode stages share: typed decode errors, local copies of remote files, resizing, error rows."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pipeline.sources import resolve
+
+
+class DecodeError(ValueError):
+    """An input that cannot be decoded (damaged, unsupported, over a limit); the message names the file."""
+
+    stage = "decode"
+
+
+@contextmanager
+def local_file(uri: str) -> Iterator[str]:
+    """A local path holding `uri`'s bytes: the file itself, or a temporary copy of a remote object."""
+    fs, path, prefix = resolve(uri)
+    if not prefix:
+        if not os.path.isfile(path):
+            raise DecodeError(f"{uri}: no such file (moved or deleted after the job started?)")
+        if not os.access(path, os.R_OK):
+            raise DecodeError(f"{uri}: permission denied; make the file readable by the job's user")
+        yield path
+        return
+    fd, tmp = tempfile.mkstemp(prefix="vlbatch-", suffix=os.path.splitext(path)[1])
+    try:
+        with os.fdopen(fd, "wb") as out, fs.open_input_stream(path) as src:
+            shutil.copyfileobj(src, out, length=1 << 22)
+    except OSError as e:
+        os.unlink(tmp)
+        raise DecodeError(f"{uri}: cannot download ({e})") from e
+    try:
+        yield tmp
+    finally:
+        os.unlink(tmp)
+
+
+def resize_rgb(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 HxWx3 resized with Pillow's bicubic (antialiased when shrinking); a no-op at the same size."""
+    if pixels.shape[0] == height and pixels.shape[1] == width:
+        return pixels
+    image = Image.fromarray(pixels).resize((width, height), resample=Image.Resampling.BICUBIC)
+    return np.asarray(image)
+
+
+def error_row(row: dict[str, Any], stage: str, error: BaseException, **fields: Any) -> dict[str, Any]:
+    """The row an item (or one of its windows or pages) becomes when a stage fails on it."""
+    uri = str(row.get("uri"))
+    message = str(error)
+    if not isinstance(error, DecodeError) or uri not in message:
+        message = f"{uri}: {type(error).__name__}: {message}"
+    return {
+        **row,
+        "status": "error",
+        "error_stage": stage,
+        "error_message": message,
+        **fields,
+    }

@@ -1,0 +1,458 @@
+"""Frame-exact video decode: metadata, windows, frame sampling, resize; one row per window.
+
+Frame i is the i-th frame in presentation order. decord is fast and exact on h264, hevc, vp8 and vp9 in
+mp4/mov/mkv/webm, so it serves those. Elsewhere its random access returns other frames than asked (MPEG-4
+Part 2 with B-frames; anything in AVI, whose index has no presentation timestamps) or it cannot open the
+file (AV1), so every other file is decoded sequentially with PyAV: decode in order, keep the wanted frames,
+stop after the last one.
+
+The frame count comes from demuxing the stream (packets are read, nothing is decoded), not from the
+header: a truncated file whose header says 444 frames yields only the frames it really holds.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import av
+import numpy as np
+
+from model.processor import FRAME_FACTOR, sample_frame_indices, video_frame_size
+from pipeline.media import DecodeError, error_row, local_file, resize_rgb
+from schemas.jobs import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, VIDEO_TOTAL_PIXELS, CaptionVideosJob
+
+DECORD_CODECS = frozenset({"h264", "hevc", "vp8", "vp9"})
+DECORD_CONTAINERS = ("mp4", "mov", "matroska", "webm")  # substrings of PyAV's format names
+DECODE_CHUNK = 16  # frames per decord batch: bounds memory at full source resolution
+MAX_PACKET_ERRORS = 64  # a stream with more undecodable packets than this is called damaged
+
+
+@dataclass
+class VideoDecodeConfig:
+    """How frames are sampled and sized (the qwen-vl-utils rules) and what a video may cost at most."""
+
+    fps: float = 2.0
+    min_frames: int = 4
+    max_frames: int = 768  # per window
+    min_pixels: int = VIDEO_MIN_PIXELS  # per frame
+    max_pixels: int = VIDEO_MAX_PIXELS  # per frame
+    total_pixels: int = VIDEO_TOTAL_PIXELS  # all sampled frames of one window
+    clip_seconds: float | None = None
+    max_video_seconds: float = 4 * 3600.0
+    max_source_frames: int = 1_000_000
+    max_source_pixels: int = 89_478_485
+    threads: int = 0  # decoder threads; 0 lets the decoder choose
+    backend: Literal["auto", "decord", "pyav"] = "auto"  # auto: decord only where it is frame-exact
+
+    @classmethod
+    def from_job(cls, job: CaptionVideosJob, **overrides: Any) -> VideoDecodeConfig:
+        """The decode settings of a caption job."""
+        values = dict(
+            fps=job.fps,
+            min_frames=job.min_frames,
+            max_frames=job.max_frames,
+            min_pixels=job.min_pixels,
+            max_pixels=job.max_pixels,
+            total_pixels=job.total_pixels,
+            clip_seconds=job.clip_seconds,
+            max_video_seconds=job.limits.max_video_seconds,
+            max_source_frames=job.limits.max_frames,
+            max_source_pixels=job.limits.max_pixels,
+        )
+        return cls(**{**values, **overrides})
+
+
+@dataclass
+class VideoInfo:
+    """What the container says about a video's first video stream, with the frame count made honest."""
+
+    uri: str
+    container: str
+    codec: str
+    width: int
+    height: int
+    fps: float
+    frame_count: int  # demuxed packets when `counted`, else the header's claim or duration x fps
+    duration_s: float
+    counted: bool
+    header_frame_count: int | None = None  # what the container claims, for comparison
+    timestamps: list[float] | None = field(default=None, repr=False)  # per frame, when pts are trustworthy
+
+    def timestamp(self, index: int) -> float:
+        """Seconds from the first frame to frame `index` (index == frame_count: the end of the video)."""
+        if self.timestamps is None:
+            return index / self.fps
+        if index >= len(self.timestamps):
+            return self.timestamps[-1] + 1 / self.fps
+        return self.timestamps[index]
+
+
+@dataclass(frozen=True)
+class Window:
+    """Frames [start_frame, end_frame) of a video, of which `frame_indices` are sampled at height x width."""
+
+    index: int
+    start_frame: int
+    end_frame: int
+    frame_indices: tuple[int, ...]
+    height: int
+    width: int
+
+
+def _open(path: str, uri: str) -> tuple[av.container.InputContainer, av.VideoStream]:
+    try:
+        container = av.open(path, metadata_errors="ignore")
+    except av.FFmpegError as e:
+        raise DecodeError(
+            f"{uri}: not a readable video ({e.strerror or e}); the file is damaged or not media"
+        ) from e
+    if not container.streams.video:
+        container.close()
+        raise DecodeError(f"{uri}: has no video stream (audio only?); remove it from the inputs")
+    return container, container.streams.video[0]
+
+
+def _rate(stream: av.VideoStream) -> float | None:
+    for rate in (stream.average_rate, stream.guessed_rate):
+        if rate is not None and rate > 0 and math.isfinite(float(rate)):
+            return float(rate)
+    return None
+
+
+def _count_packets(
+    container: av.container.InputContainer, stream: av.VideoStream
+) -> tuple[int, list[int] | None]:
+    """(frames the stream really holds, their pts in presentation order or None where pts are not usable)."""
+    stamps: list[int | None] = []
+    try:
+        for packet in container.demux(stream):
+            if packet.size == 0 or packet.is_corrupt or packet.is_discard:
+                continue  # flush packets, the cut-off tail of a truncated file, frames an edit list drops
+            stamps.append(packet.pts)
+    except av.FFmpegError:
+        pass  # a damaged or truncated container: count what could be read
+    # AVI stores no presentation timestamps (PyAV reports decode order there), so index by output order.
+    usable = "avi" not in container.format.name and None not in stamps and len(set(stamps)) == len(stamps)
+    return len(stamps), sorted(stamps) if usable else None  # type: ignore[type-var]
+
+
+def _probe(path: str, uri: str, count_frames: bool) -> tuple[VideoInfo, list[int] | None]:
+    container, stream = _open(path, uri)
+    with container:
+        codec = stream.codec_context.codec.canonical_name
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if not width or not height:
+            raise DecodeError(f"{uri}: the video stream has no frame size; the file is damaged")
+        header_frames = stream.frames or None
+        header_s = None
+        if stream.duration and stream.time_base:
+            header_s = float(stream.duration * stream.time_base)
+        elif container.duration:
+            header_s = container.duration / av.time_base
+        fps = _rate(stream)
+        pts = None
+        if count_frames:
+            frame_count, pts = _count_packets(container, stream)
+        else:
+            frame_count = header_frames or (round(header_s * fps) if header_s and fps else 0)
+        if frame_count == 0:
+            raise DecodeError(f"{uri}: holds no decodable video frames; the file is empty or damaged")
+        if fps is None and pts is not None and frame_count > 1 and pts[-1] > pts[0]:
+            fps = (frame_count - 1) / float((pts[-1] - pts[0]) * stream.time_base)
+        if fps is None and header_s:
+            fps = frame_count / header_s
+        if fps is None:
+            raise DecodeError(f"{uri}: reports no frame rate and no duration; remux it with a frame rate")
+        timestamps = None
+        if pts is not None:
+            timestamps = [float((p - pts[0]) * stream.time_base) for p in pts]
+        info = VideoInfo(
+            uri=uri,
+            container=container.format.name,
+            codec=codec,
+            width=width,
+            height=height,
+            fps=fps,
+            frame_count=frame_count,
+            duration_s=frame_count / fps,
+            counted=count_frames,
+            header_frame_count=header_frames,
+            timestamps=timestamps,
+        )
+        return info, pts
+
+
+def probe_video(uri: str, count_frames: bool = True) -> VideoInfo:
+    """Metadata of a video; nothing is decoded. `count_frames` demuxes the stream to count its real frames."""
+    with local_file(uri) as path:
+        return _probe(path, uri, count_frames)[0]
+
+
+def check_limits(info: VideoInfo, cfg: VideoDecodeConfig) -> None:
+    """Raise DecodeError when a video is beyond the job's limits."""
+    if info.duration_s > cfg.max_video_seconds:
+        raise DecodeError(
+            f"{info.uri}: lasts {info.duration_s:.0f} s, "
+            f"over limits.max_video_seconds={cfg.max_video_seconds:g}"
+        )
+    if info.frame_count > cfg.max_source_frames:
+        raise DecodeError(
+            f"{info.uri}: has {info.frame_count} frames, over limits.max_frames={cfg.max_source_frames}"
+        )
+    if info.width * info.height > cfg.max_source_pixels:
+        raise DecodeError(
+            f"{info.uri}: frames of {info.width}x{info.height} "
+            f"exceed limits.max_pixels={cfg.max_source_pixels}"
+        )
+
+
+def frame_size(height: int, width: int, n_frames: int, cfg: VideoDecodeConfig) -> tuple[int, int]:
+    """(height, width) of each sampled frame: qwen-vl-utils' per-frame budget under the window's total.
+
+    Frames are resized here, on the CPU workers, to this final size (Pillow bicubic, as the reference), so
+    the model-side processor's resize is a no-op and only uint8 pixels of the final size travel on.
+    """
+    return video_frame_size(height, width, n_frames, cfg.min_pixels, cfg.max_pixels, cfg.total_pixels)
+
+
+def plan_windows(
+    info: VideoInfo, cfg: VideoDecodeConfig, start_frame: int = 0, first_index: int = 0
+) -> list[Window]:
+    """Cut frames [start_frame, frame_count) into windows of `clip_seconds` and sample each one.
+
+    A tail shorter than `min_frames` joins the window before it.
+    """
+    total = info.frame_count
+    length = max(FRAME_FACTOR, round(cfg.clip_seconds * info.fps)) if cfg.clip_seconds else total
+    bounds = [[s, min(s + length, total)] for s in range(start_frame, total, length)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < cfg.min_frames:
+        bounds[-1][1] = bounds.pop()[1]  # the pop runs first: [-1] is then the window before the tail
+    windows = []
+    for k, (start, end) in enumerate(bounds):
+        if end - start < FRAME_FACTOR:
+            raise DecodeError(f"{info.uri}: has {end - start} decodable frame(s); a video needs at least 2")
+        try:
+            picks = sample_frame_indices(
+                end - start, info.fps, cfg.fps, cfg.min_frames, cfg.max_frames, first_frame=start
+            )
+            height, width = frame_size(info.height, info.width, len(picks), cfg)
+        except ValueError as e:
+            raise DecodeError(f"{info.uri}: {e}") from e
+        windows.append(Window(first_index + k, start, end, tuple(picks), height, width))
+    return windows
+
+
+def choose_backend(info: VideoInfo, cfg: VideoDecodeConfig) -> str:
+    """decord where it is frame-exact (and installed), else PyAV's sequential decode."""
+    if cfg.backend != "auto":
+        return cfg.backend
+    if info.codec in DECORD_CODECS and any(name in info.container for name in DECORD_CONTAINERS):
+        return "decord"
+    return "pyav"
+
+
+class _ShortStream(Exception):
+    """The decoder ran out of frames before the last wanted one: the file holds fewer than counted."""
+
+    def __init__(self, frames: int):
+        self.frames = frames
+
+
+class _DecordFailed(Exception):
+    pass
+
+
+def _decord_windows(path: str, windows: list[Window], info: VideoInfo, cfg: VideoDecodeConfig):
+    try:
+        import decord
+
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=cfg.threads)
+        if len(reader) != info.frame_count:  # decord counts differently: its indices are not ours
+            raise _DecordFailed(f"decord sees {len(reader)} frames, the stream holds {info.frame_count}")
+    except Exception as e:  # decord raises its own DECORDError, RuntimeError, ...
+        raise _DecordFailed(str(e)) from e
+    for window in windows:
+        frames = np.empty((len(window.frame_indices), window.height, window.width, 3), dtype=np.uint8)
+        for at in range(0, len(window.frame_indices), DECODE_CHUNK):
+            chunk = list(window.frame_indices[at : at + DECODE_CHUNK])
+            try:
+                batch = reader.get_batch(chunk).asnumpy()
+            except Exception as e:
+                raise _DecordFailed(str(e)) from e
+            for k, pixels in enumerate(batch):
+                frames[at + k] = resize_rgb(pixels, window.height, window.width)
+        yield window, frames, list(window.frame_indices)
+
+
+def _decoded_frames(container: av.container.InputContainer, stream: av.VideoStream, uri: str):
+    """Frames of `stream` in presentation order; undecodable packets are skipped, a broken tail ends it."""
+    errors = 0
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets)
+        except StopIteration:
+            return
+        except av.FFmpegError:
+            break  # truncated container: flush what the decoder holds
+        try:
+            yield from packet.decode()
+        except av.FFmpegError as e:
+            errors += 1
+            if errors > MAX_PACKET_ERRORS:
+                raise DecodeError(f"{uri}: more than {MAX_PACKET_ERRORS} undecodable packets ({e})") from e
+    try:
+        yield from stream.codec_context.decode(None)
+    except av.FFmpegError:
+        pass
+
+
+def _pyav_windows(
+    path: str, windows: list[Window], info: VideoInfo, pts: list[int] | None, cfg: VideoDecodeConfig
+):
+    """Sequential decode keeping the wanted frames. A frame the decoder skips is replaced by the next one,
+    and the row reports the index really used."""
+    pts_index = {p: i for i, p in enumerate(pts)} if pts is not None else None
+    targets = [
+        (index, w, slot)
+        for w, window in enumerate(windows)
+        for slot, index in enumerate(window.frame_indices)
+    ]
+    container, stream = _open(path, info.uri)
+    with container:
+        stream.thread_type = "AUTO"
+        if cfg.threads:
+            stream.codec_context.thread_count = cfg.threads
+        t, counter, last, good = 0, 0, -1, -1
+        frames: np.ndarray | None = None
+        used: list[int] = []
+        for frame in _decoded_frames(container, stream, info.uri):
+            index = pts_index.get(frame.pts) if pts_index is not None and frame.pts is not None else None
+            index = counter if index is None else index
+            counter = index + 1
+            if index >= info.frame_count:
+                break  # frames from the damaged packets past the counted end
+            if index <= last:
+                continue  # a frame the decoder repeats or emits out of order
+            last = index
+            if frame.is_corrupt:
+                continue  # drawn from damaged data (e.g. a B-frame whose reference was cut off): a hole
+            good = index
+            if targets[t][0] > index:
+                continue  # not wanted: no colour conversion, no resize
+            pixels = frame.to_ndarray(format="rgb24")
+            while t < len(targets) and targets[t][0] <= index:
+                _, w, slot = targets[t]
+                window = windows[w]
+                if slot == 0:
+                    frames = np.empty(
+                        (len(window.frame_indices), window.height, window.width, 3), dtype=np.uint8
+                    )
+                    used = []
+                assert frames is not None
+                frames[slot] = resize_rgb(pixels, window.height, window.width)
+                used.append(index)
+                t += 1
+                if slot == len(window.frame_indices) - 1:
+                    yield window, frames, used
+                    frames = None
+            if t == len(targets):
+                return
+    raise _ShortStream(good + 1)
+
+
+def decode_video(uri: str, cfg: VideoDecodeConfig) -> Iterator[dict[str, Any]]:
+    """One row per window: uint8 frames [T,H,W,3], their frame indices and timestamps, window bounds.
+
+    Raises DecodeError (naming the file) for videos that cannot be decoded or are beyond the limits;
+    windows already yielded stay valid.
+    """
+    with local_file(uri) as path:
+        started = time.perf_counter()
+        info, pts = _probe(path, uri, count_frames=True)
+        check_limits(info, cfg)
+        windows = plan_windows(info, cfg)
+        backend = choose_backend(info, cfg)
+        done = 0
+        while done < len(windows):
+            todo = windows[done:]
+            source = _decord_windows if backend == "decord" else _pyav_windows
+            args = (path, todo, info, cfg) if backend == "decord" else (path, todo, info, pts, cfg)
+            try:
+                for window, frames, used in source(*args):
+                    yield _window_row(uri, info, window, len(windows), frames, used, backend, started)
+                    done += 1
+                    started = time.perf_counter()
+            except _DecordFailed:
+                backend = "pyav"  # e.g. a damaged tail decord cannot read: PyAV decodes what is there
+            except _ShortStream as short:
+                start = windows[done].start_frame
+                if short.frames >= info.frame_count or short.frames - start < FRAME_FACTOR:
+                    if done:
+                        return  # the earlier windows stand; the few frames left cannot form a window
+                    raise DecodeError(
+                        f"{uri}: only {short.frames} frame(s) decode; the file is damaged"
+                    ) from None
+                info.frame_count = short.frames
+                info.duration_s = short.frames / info.fps
+                if info.timestamps is not None:
+                    info.timestamps = info.timestamps[: short.frames]
+                    pts = pts[: short.frames] if pts is not None else None
+                windows = windows[:done] + plan_windows(info, cfg, start_frame=start, first_index=done)
+                backend = "pyav"
+
+
+def _window_row(
+    uri: str,
+    info: VideoInfo,
+    window: Window,
+    num_windows: int,
+    frames: np.ndarray,
+    used: list[int],
+    backend: str,
+    started: float,
+) -> dict[str, Any]:
+    start_s, end_s = info.timestamp(window.start_frame), info.timestamp(window.end_frame)
+    return {
+        "uri": uri,
+        "window_index": window.index,
+        "num_windows": num_windows,
+        "start_frame": window.start_frame,
+        "end_frame": window.end_frame,
+        "start_s": start_s,
+        "end_s": end_s,
+        "frames": frames,
+        "frame_count": len(used),
+        "frame_indices": used,
+        "timestamps": [info.timestamp(i) for i in used],
+        "height": window.height,
+        "width": window.width,
+        "sample_fps": len(used) / max(end_s - start_s, 1e-6),
+        "source_fps": info.fps,
+        "source_width": info.width,
+        "source_height": info.height,
+        "source_frame_count": info.frame_count,
+        "codec": info.codec,
+        "decoder": backend,
+        "decode_s": time.perf_counter() - started,
+    }
+
+
+class DecodeVideo:
+    """Ray Data flat_map stage: an item row in, one row per window out; a failure becomes an error row."""
+
+    def __init__(self, cfg: VideoDecodeConfig):
+        self.cfg = cfg
+
+    def __call__(self, row: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        produced = 0
+        try:
+            for out in decode_video(row["uri"], self.cfg):
+                produced += 1
+                yield {**row, "status": "ok", **out}
+        except Exception as e:  # every input is accounted for: a bad file is a row, not a dead job
+            yield error_row(row, "decode", e, window_index=produced if produced else None)
