@@ -1,0 +1,477 @@
+"""Decode in a child process that can be killed: a hang or a crash costs one item, never the worker.
+
+Damaged files can make a decoder spin forever or crash the process, and no Python-level timeout can stop a
+thread that is stuck inside C code. So each decode actor keeps one long-lived child process (started once,
+reused for many items) that runs the real decoder. Items go down one at a time; rows come back one by one
+over a socket pair and are yielded as they arrive, so a 300-page document is never held whole. There is no
+queue between the two: the child blocks on its send until the parent reads, so at most about one row is in
+flight.
+
+- A child that makes no progress for `timeout_s` is killed and replaced; the item ends with an error row.
+- A child that dies mid-item (signal, os._exit, the OOM killer) is replaced and the item retried, up to
+  `max_retries` times, then the item ends with an error row. Rows that already reached the parent are not
+  sent again: the retry is told which units it has, and the child drops those (dedup by unit index).
+
+Rows travel as a JSON header plus raw array bytes, never pickled: a child that a hostile file has taken
+over cannot make the parent run code. Only the decode factory goes down pickled, once, from the parent.
+
+Fault injection, for tests and failure drills (both read from the environment of the process that builds
+the decoder; SUBSTRING is matched against the item's URI, several entries are separated by commas):
+
+    VLBATCH_FAULT_DECODE_EXIT="SUBSTRING[:TIMES[:AFTER_ROWS]]"  the child os._exit(13)s on matching items
+    VLBATCH_FAULT_DECODE_HANG="SUBSTRING[:TIMES[:AFTER_ROWS]]"  the child sleeps forever in C, holding the GIL
+
+on the first TIMES attempts (default 1) of each matching item, after sending AFTER_ROWS rows (default 0).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
+from multiprocessing import Pipe
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+
+from pipeline.media import DecodeError, error_row
+
+FAULT_EXIT_ENV = "VLBATCH_FAULT_DECODE_EXIT"
+FAULT_HANG_ENV = "VLBATCH_FAULT_DECODE_HANG"
+FAULT_EXIT_CODE = 13
+STARTUP_TIMEOUT_S = 120.0  # importing torch, PyAV and PyMuPDF on a loaded node can take a while
+UNIT_KEYS = ("window_index", "page_index")  # what numbers a decoder's rows within one item
+
+_ARRAY = "\x00ndarray"  # marks where an array (or bytes) sat in a row; real row keys never start with NUL
+_BYTES = "\x00bytes"
+_PR_SET_PDEATHSIG = 1
+
+log = logging.getLogger(__name__)
+
+
+# ---- fault injection ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Misbehave on the first `times` attempts of items whose URI contains `substring`."""
+
+    substring: str
+    times: int = 1
+    after_rows: int = 0
+
+
+def parse_faults(spec: str | None, source: str = "fault spec") -> tuple[Fault, ...]:
+    """'a.mp4:2,b.pdf:1:3' -> faults; trailing ':N' parts are counts, so URIs with '://' still work."""
+    faults = []
+    for entry in (spec or "").split(","):
+        parts = entry.strip().split(":")
+        numbers: list[int] = []
+        while len(parts) > 1 and len(numbers) < 2 and parts[-1].strip().isdigit():
+            numbers.insert(0, int(parts.pop()))
+        substring = ":".join(parts).strip()
+        if not substring:
+            if entry.strip():
+                raise ValueError(f"{source}: {entry!r} names no substring; write SUBSTRING[:TIMES[:AFTER]]")
+            continue
+        faults.append(Fault(substring, *numbers))
+    return tuple(faults)
+
+
+@dataclass(frozen=True)
+class DecodeFaults:
+    """Which items the child should crash or hang on (nothing, unless a test or a drill asks)."""
+
+    exit: tuple[Fault, ...] = ()
+    hang: tuple[Fault, ...] = ()
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> DecodeFaults:
+        env = os.environ if environ is None else environ
+        return cls(
+            exit=parse_faults(env.get(FAULT_EXIT_ENV), FAULT_EXIT_ENV),
+            hang=parse_faults(env.get(FAULT_HANG_ENV), FAULT_HANG_ENV),
+        )
+
+    def for_item(self, uri: str, attempt: int) -> dict[str, Any] | None:
+        """What the child must do on this attempt (0-based) of this item, or None."""
+        for kind, faults in (("exit", self.exit), ("hang", self.hang)):
+            for fault in faults:
+                if fault.substring in uri and attempt < fault.times:
+                    return {"kind": kind, "after_rows": fault.after_rows}
+        return None
+
+
+def _inject(fault: dict[str, Any]) -> None:
+    if fault["kind"] == "exit":
+        os._exit(FAULT_EXIT_CODE)
+    libc = ctypes.PyDLL(None)  # PyDLL keeps the GIL during the call: stuck in C, as a spinning decoder is
+    while True:
+        libc.sleep(3600)
+
+
+# ---- messages: JSON header + raw array bytes -------------------------------------------------------------
+
+
+def _flatten(value: Any, arrays: list[np.ndarray]) -> Any:
+    """`value` as JSON types; arrays and bytes are appended to `arrays` and replaced by a marker."""
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"row keys must be strings to cross the decode process boundary, not {key!r}")
+            out[key] = _flatten(item, arrays)
+        return out
+    if isinstance(value, list | tuple):
+        return [_flatten(item, arrays) for item in value]
+    if isinstance(value, np.ndarray):
+        if value.dtype.hasobject:
+            raise TypeError("arrays of Python objects cannot cross the decode process boundary")
+        arrays.append(np.ascontiguousarray(value))
+        return {_ARRAY: [value.dtype.str, list(value.shape)]}
+    if isinstance(value, bytes | bytearray | memoryview):
+        arrays.append(np.frombuffer(value, dtype=np.uint8))
+        return {_BYTES: len(arrays[-1])}
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    raise TypeError(f"a {type(value).__name__} cannot cross the decode process boundary; use JSON types")
+
+
+def _unflatten(value: Any, arrays: Iterator[np.ndarray]) -> Any:
+    if isinstance(value, dict):
+        if _ARRAY in value:
+            return next(arrays)
+        if _BYTES in value:
+            return next(arrays).tobytes()
+        return {key: _unflatten(item, arrays) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_unflatten(item, arrays) for item in value]
+    return value
+
+
+def _array_specs(value: Any, out: list[tuple[np.dtype, tuple[int, ...]]]) -> None:
+    """dtype and shape of each marked array in `value`, in the order `_flatten` met them."""
+    if isinstance(value, dict):
+        if _ARRAY in value:
+            dtype, shape = value[_ARRAY]
+            out.append((np.dtype(dtype), tuple(shape)))
+        elif _BYTES in value:
+            out.append((np.dtype(np.uint8), (value[_BYTES],)))
+        else:
+            for item in value.values():
+                _array_specs(item, out)
+    elif isinstance(value, list):
+        for item in value:
+            _array_specs(item, out)
+
+
+def send_message(conn: Connection, message: dict[str, Any]) -> None:
+    """One message: its JSON header, then each array's bytes as a message of its own (no extra copy)."""
+    arrays: list[np.ndarray] = []
+    header = _flatten(message, arrays)
+    conn.send_bytes(json.dumps(header).encode())
+    for array in arrays:
+        conn.send_bytes(array.reshape(-1).view(np.uint8))
+
+
+def recv_message(conn: Connection, timeout_s: float | None = None) -> dict[str, Any] | None:
+    """The next message, or None when none starts within `timeout_s`. EOFError when the peer is gone."""
+    if timeout_s is not None and not conn.poll(timeout_s):
+        return None
+    header = json.loads(conn.recv_bytes())
+    specs: list[tuple[np.dtype, tuple[int, ...]]] = []
+    _array_specs(header, specs)
+    arrays = []
+    for dtype, shape in specs:
+        array = np.empty(shape, dtype=dtype)
+        flat = array.reshape(-1).view(np.uint8)
+        received = conn.recv_bytes_into(flat) if flat.nbytes else len(conn.recv_bytes())
+        if received != flat.nbytes:
+            raise EOFError(f"an array of {flat.nbytes} bytes arrived with {received}")
+        arrays.append(array)
+    return _unflatten(header, iter(arrays))
+
+
+# ---- the child --------------------------------------------------------------------------------------------
+
+
+def unit_identity(row: dict[str, Any], position: int) -> list[Any]:
+    """What tells a row apart from its item's other rows: its window / page index, else its position."""
+    present = [[key, row[key]] for key in UNIT_KEYS if key in row]
+    return present[0] if present else ["#", position]
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGKILL this process when its parent dies, so a hung child is never left spinning.
+
+    Linux sends it when the parent *thread* that started us ends; decode actors call from one long-lived
+    thread, and a child killed early is only restarted (a crash before it receives an item is free).
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _serve(conn: Connection, decode: Callable, request: dict[str, Any]) -> None:
+    """Decode one item, sending each row the parent does not have yet, then "end" (or "raise")."""
+    send_message(conn, {"kind": "started"})
+    have = {tuple(key) for key in request["skip"]}
+    fault = request.get("fault")
+    sent = 0
+    try:
+        if fault and fault["after_rows"] <= sent:
+            _inject(fault)
+        for position, row in enumerate(decode(request["row"])):
+            key = unit_identity(row, position)
+            if tuple(key) in have:
+                continue
+            send_message(conn, {"kind": "row", "key": key, "row": row})
+            sent += 1
+            if fault and fault["after_rows"] <= sent:
+                _inject(fault)
+        if fault:  # fewer rows than after_rows: misbehave at the end of the item
+            _inject(fault)
+    except Exception as e:  # the decoder's own guard failed; the parent turns this into an error row
+        send_message(conn, {"kind": "raise", "message": f"{type(e).__name__}: {e}"})
+        return
+    send_message(conn, {"kind": "end"})
+
+
+def child_main(fd: int, parent_pid: int) -> None:
+    """Entry point of the decode child: build the decoder, then serve items until the parent hangs up."""
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us
+    conn = Connection(fd)
+    try:
+        decode = pickle.loads(conn.recv_bytes())()  # the parent's own factory, not data from a file
+    except Exception as e:
+        send_message(conn, {"kind": "fatal", "message": f"{type(e).__name__}: {e}"})
+        return
+    send_message(conn, {"kind": "ready"})
+    while True:
+        try:
+            request = recv_message(conn)
+        except (EOFError, OSError):
+            return
+        try:
+            _serve(conn, decode, request)
+        except (BrokenPipeError, ConnectionResetError):
+            return
+
+
+# ---- the parent -------------------------------------------------------------------------------------------
+
+
+def _describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "closed its pipe"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+def _stop(process: subprocess.Popen, conn: Connection) -> None:
+    if process.poll() is None:
+        process.kill()
+    process.wait()
+    conn.close()
+
+
+class _Child:
+    """One running decode child and the parent's end of its socket pair."""
+
+    def __init__(self, factory_pickle: bytes, startup_timeout_s: float):
+        parent_conn, child_conn = Pipe(duplex=True)
+        fd = child_conn.fileno()
+        bootstrap = (
+            "import json, sys; sys.path[:0] = json.loads(sys.argv[1]); "
+            "from pipeline.isolation import child_main; child_main(int(sys.argv[2]), int(sys.argv[3]))"
+        )
+        # Not multiprocessing's spawn: that re-runs the parent's __main__ (a Ray worker script) in the child.
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", bootstrap, json.dumps(sys.path), str(fd), str(os.getpid())],
+            pass_fds=(fd,),
+            stdin=subprocess.DEVNULL,
+        )
+        child_conn.close()  # only the child holds its end now, so its death reads as EOF here
+        self.conn = parent_conn
+        self._finalizer = weakref.finalize(self, _stop, self.process, self.conn)
+        try:
+            self.conn.send_bytes(factory_pickle)
+            ready = recv_message(self.conn, startup_timeout_s)
+        except (EOFError, OSError):
+            ready = {"kind": "fatal", "message": f"the process ended ({self.exit_status()})"}
+        if ready is None or ready["kind"] != "ready":
+            self.stop()
+            why = f"no answer within {startup_timeout_s:g} s" if ready is None else ready["message"]
+            raise RuntimeError(f"the decode process failed to start: {why}")
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        self._finalizer()
+
+    def exit_status(self) -> str:
+        """How a child that hung up ended (waiting a moment for it to finish dying)."""
+        try:
+            returncode = self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            returncode = None
+        self.stop()
+        return _describe_exit(returncode)
+
+
+class IsolatedDecoder:
+    """Ray Data flat_map callable: `decode_factory()` (e.g. `DecodeVideo(cfg)`) run in a killable child.
+
+    `timeout_s` bounds the time without progress: how long the parent waits for the item's next row (or
+    its end). It is not a budget for the whole item, because a legitimate item's time grows with its size
+    (pages, windows), which the job's limits already bound, while a hang is the absence of progress. Time
+    the child spends blocked because the consumer is slow is not counted: only the parent's waits are.
+    A hang is not retried (it would most likely hang again, costing another timeout); a crash is.
+    """
+
+    def __init__(
+        self,
+        decode_factory: Callable[[], Callable[[dict[str, Any]], Iterator[dict[str, Any]]]],
+        timeout_s: float = 600.0,
+        max_retries: int = 2,
+        faults: DecodeFaults | None = None,
+        startup_timeout_s: float = STARTUP_TIMEOUT_S,
+    ):
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, not {timeout_s}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be 0 or more, not {max_retries}")
+        self.decode_factory = decode_factory
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.faults = DecodeFaults.from_env() if faults is None else faults
+        self.startup_timeout_s = startup_timeout_s
+        self._factory_pickle = pickle.dumps(decode_factory)  # fails here, not in the child, if it cannot
+        self._child: _Child | None = None
+        self._busy = threading.Lock()
+
+    @property
+    def child_pid(self) -> int | None:
+        """Process id of the current child (None before the first item or after a kill)."""
+        return self._child.process.pid if self._child is not None and self._child.alive() else None
+
+    def close(self) -> None:
+        """Kill the child; a later item starts a new one."""
+        if self._child is not None:
+            self._child.stop()
+            self._child = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_busy")
+        state["_child"] = None  # a process cannot travel; the copy starts its own
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._busy = threading.Lock()
+
+    def __call__(self, row: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError("IsolatedDecoder decodes one item at a time; give each thread its own")
+        finished = False
+        try:
+            yield from self._decode_item(row)
+            finished = True
+        finally:
+            if not finished:  # abandoned or failed mid-item: the child may still be sending this item's rows
+                self.close()
+            self._busy.release()
+
+    def _decode_item(self, row: dict[str, Any]) -> Generator[dict[str, Any], None, None]:
+        uri = str(row.get("uri"))
+        have: list[list[Any]] = []  # unit identities of the rows already yielded
+        crashes: list[str] = []
+        idle_deaths = 0
+        while True:
+            try:
+                if self._child is None or not self._child.alive():
+                    self.close()
+                    self._child = _Child(self._factory_pickle, self.startup_timeout_s)
+            except RuntimeError as e:
+                yield error_row(row, "decode", DecodeError(f"{uri}: {e}"))
+                return
+            fault = self.faults.for_item(uri, len(crashes))
+            outcome, detail = yield from self._attempt(self._child, row, have, fault)
+            if outcome == "end":
+                return
+            if outcome == "dead" and idle_deaths < 1:
+                idle_deaths += 1  # it died before it took this item (killed while idle): not the item's fault
+                continue
+            if outcome in ("crash", "dead"):
+                crashes.append(detail)
+                if len(crashes) <= self.max_retries:
+                    log.warning(
+                        "%s: decode process %s; retrying on a new one (%d rows kept)", uri, detail, len(have)
+                    )
+                    continue
+                tries = f"all {len(crashes)} attempts" if len(crashes) > 1 else "its only attempt"
+                detail = (
+                    f"the decode process crashed on {tries} ({'; '.join(crashes)}); "
+                    "the file may be damaged, or the worker short of memory: check the file, or remove it "
+                    "from the inputs"
+                )
+            elif outcome == "timeout":
+                detail = (
+                    f"decode made no progress for {self.timeout_s:g} s and was killed "
+                    "(limits.decode_timeout_s); the file is likely damaged: check it, or raise the limit if "
+                    "it is only slow"
+                )
+            yield error_row(row, "decode", DecodeError(f"{uri}: {detail}"))
+            return
+
+    def _attempt(
+        self, child: _Child, row: dict[str, Any], have: list[list[Any]], fault: dict[str, Any] | None
+    ) -> Generator[dict[str, Any], None, tuple[str, str]]:
+        """Yield the rows of one attempt; return how it ended (end, raise, timeout, crash, or dead: gone
+        before it took the item) and a detail."""
+        try:
+            send_message(child.conn, {"kind": "item", "row": row, "skip": have, "fault": fault})
+            started = recv_message(child.conn, self.timeout_s)
+        except (EOFError, OSError):
+            return "dead", child.exit_status()
+        if started is None:
+            self.close()
+            return "timeout", ""
+        while True:
+            try:
+                message = recv_message(child.conn, self.timeout_s)
+            except (EOFError, OSError):
+                return "crash", child.exit_status()
+            if message is None:
+                self.close()
+                return "timeout", ""
+            if message["kind"] == "row":
+                have.append(message["key"])
+                yield message["row"]
+            elif message["kind"] == "end":
+                return "end", ""
+            else:
+                return "raise", message.get("message", "")
