@@ -25,7 +25,10 @@ def ray_local():
     pipeline's actor pools (each asking for a fraction of a CPU) can never starve one another."""
     import ray
 
+    from jobs.run import loopback_only
+
     if not ray.is_initialized():
+        loopback_only()
         ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     yield ray
     ray.shutdown()
@@ -43,7 +46,7 @@ PIPELINE_PDFS = {
     "e.pdf": {"pages": 3, "image_only_pages": (1,)},
     "f.pdf": {"pages": 2, "page_size": (300.0, 420.0)},
 }
-PIPELINE_IMAGES = {"g.png": (96, 64), "h.jpg": (60, 90)}
+PIPELINE_IMAGES = {"g.png": (300, 200), "h.jpg": (60, 90)}  # g.png is downscaled to the target side
 
 
 @pytest.fixture(scope="session")

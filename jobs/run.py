@@ -1,0 +1,76 @@
+"""Run a job on the Ray given by RAY_ADDRESS, or on a Ray started on this machine bound to 127.0.0.1.
+
+Also the entrypoint of submitted jobs: `python -m jobs.run --spec TOKEN` (see jobs.submit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from schemas import CaptionVideosJob, OcrDocumentsJob
+
+
+def local_cpus(job: CaptionVideosJob | OcrDocumentsJob) -> int:
+    """Logical CPUs for a local Ray: at least what the job's actor pools ask for, so they cannot starve."""
+    r = job.resources
+    wanted = r.decode_workers * r.cpus_per_decode_worker + r.gpu_workers + 2  # + prepare and light tasks
+    return max(os.cpu_count() or 1, int(wanted + 0.999))
+
+
+def loopback_only() -> None:
+    """Make a Ray started from this process bind every port to 127.0.0.1.
+
+    Ray listens on all interfaces unless told the node is no cluster member; this is that switch, read by
+    ray when imported (patched here in case it already is) and by the processes it starts (environment).
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def connect_ray(job: CaptionVideosJob | OcrDocumentsJob | None = None, address: str | None = None) -> None:
+    """Join the cluster at `address` / RAY_ADDRESS, else start a local Ray listening on 127.0.0.1 only."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address.startswith(("http://", "https://")):
+        raise ValueError(
+            f"RAY_ADDRESS={address} is a Jobs API address: submit with `vlbatch submit job.yaml`, or run "
+            "here against the cluster's GCS address (e.g. RAY_ADDRESS=HEAD:6379 or ray://HEAD:10001)"
+        )
+    if address:
+        ray.init(address=address)
+        return
+    loopback_only()
+    ray.init(
+        num_cpus=local_cpus(job) if job is not None else None,
+        _node_ip_address="127.0.0.1",
+        dashboard_host="127.0.0.1",
+        include_dashboard=False,
+    )
+
+
+def run(job: CaptionVideosJob | OcrDocumentsJob, address: str | None = None, progress: bool = True):
+    """Run `job` to the end and return its summary; the manifest lies beside the Parquet output."""
+    from pipeline.job import run_job
+
+    return run_job(job, progress=progress, connect=lambda: connect_ray(job, address))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jobs.submit import decode_spec
+
+    parser = argparse.ArgumentParser(prog="python -m jobs.run", description=__doc__)
+    parser.add_argument("--spec", required=True, help="job spec token written by `vlbatch submit`")
+    args = parser.parse_args(argv)
+    summary = run(decode_spec(args.spec))
+    return 0 if summary.finished else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""The GPU stage: an actor that loads the checkpoint once and generates for packs of unit rows.
+
+The batched engine (continuous batching) serves when `model.engine` is importable; the simple
+`model.generate` stands in behind the same `Backend` interface otherwise. Pixels arrive as uint8 at the
+model's size; normalisation and patchify run on the model's device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.packing import unpack_table
+from pipeline.prepare import BUSY_S, INPUT_IDS, PIXELS, error_fields, pixels_at, result_schema
+from schemas import CaptionRecord, PageRecord
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def pick_device(device: str) -> str:
+    """'auto' is cuda when this worker sees a GPU, else cpu."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def model_identity(path: str | Path) -> tuple[str, str]:
+    """(name, fingerprint) of a checkpoint: its directory name and a hash of its config and weight files'
+    names and sizes (hashing the weights themselves would read gigabytes)."""
+    path = Path(path)
+    for name in ("config.json", "tokenizer.json", "preprocessor_config.json"):
+        if not (path / name).is_file():
+            raise ValueError(f"{path}: no {name}; --model must point at a Qwen2-VL checkpoint directory")
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.safetensors.index.json")):
+        h.update(f"{f.name}\0{f.stat().st_size}\0".encode())
+    return path.resolve().name, h.hexdigest()[:16]
+
+
+@dataclass
+class UnitPrompt:
+    """One unit's prompt ids and its uint8 pixels ([T, H, W, 3] video or [H, W, 3] image)."""
+
+    input_ids: list[int]
+    pixels: np.ndarray
+
+
+@dataclass
+class Generation:
+    text: str
+    finish_reason: str  # stop, length, error
+    generated_tokens: int
+    seconds: float
+    error: str | None = None
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = 0
+    stop: list[str] = field(default_factory=list)
+
+
+class Backend:
+    """Loads a checkpoint once; turns unit prompts into generations."""
+
+    def __init__(self, model_path: str, dtype: str, device: str):
+        from model.processor import Processor
+        from model.qwen2vl import Qwen2VL
+
+        self.device = pick_device(device)
+        self.processor = Processor.from_pretrained(model_path)
+        self.model = Qwen2VL.from_pretrained(model_path, dtype=DTYPES[dtype], device=self.device)
+        self.eos = _eos_ids(Path(model_path), self.model.config.eos_token_id)
+
+    def vision_inputs(self, unit: UnitPrompt) -> dict[str, torch.Tensor]:
+        """Normalised patches and grid, computed from uint8 on the model's device."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only Arrow buffer: torch only reads it
+            frames = torch.as_tensor(unit.pixels).to(self.device, non_blocking=True)
+        video = frames.ndim == 4
+        pixel_values, grid = self.processor.image_processor.patchify(frames if video else frames[None])
+        pixel_values = pixel_values.to(self.model.dtype)
+        if video:
+            return {"pixel_values_videos": pixel_values, "video_grid_thw": grid}
+        return {"pixel_values": pixel_values, "image_grid_thw": grid}
+
+    def generate(self, units: list[UnitPrompt], sampling: Sampling) -> list[Generation]:
+        raise NotImplementedError
+
+
+class EngineBackend(Backend):
+    """Continuous batching: the whole pack goes to the engine at once."""
+
+    def __init__(
+        self, model_path: str, dtype: str, device: str, max_batch_tokens: int, gpu_share: float = 1.0
+    ):
+        from model.engine import Engine, EngineConfig
+        from model.tokenizer import Tokenizer
+
+        super().__init__(model_path, dtype, device)
+        tokenizer = Tokenizer.from_file(Path(model_path) / "tokenizer.json")
+        config = EngineConfig(max_batch_tokens=max(max_batch_tokens, 256))
+        if self.device.startswith("cuda") and 0 < gpu_share < 1:
+            # Workers sharing a GPU each take their share of the memory free at start for the KV cache.
+            config.kv_cache_fraction = 0.8 * gpu_share
+        self.engine = Engine(self.model, config, tokenizer, sorted(self.eos))
+
+    def generate(self, units: list[UnitPrompt], sampling: Sampling) -> list[Generation]:
+        from model.engine import Request
+        from model.sampling import SamplingParams
+
+        params = SamplingParams(
+            max_new_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            stop=tuple(sampling.stop),
+            seed=sampling.seed,
+        )
+        requests = [Request(u.input_ids, **self.vision_inputs(u), sampling=params) for u in units]
+        outputs = self.engine.generate(requests)
+        return [
+            Generation(
+                o.text, o.finish_reason, o.num_generated_tokens, o.timings.get("total_s", 0.0), o.error
+            )
+            for o in outputs
+        ]
+
+
+class SimpleBackend(Backend):
+    """model.generate, one unit at a time: the stand-in until the engine is there."""
+
+    def generate(self, units: list[UnitPrompt], sampling: Sampling) -> list[Generation]:
+        from model.generate import generate
+
+        out = []
+        for u in units:
+            started = time.perf_counter()
+            inputs = {"input_ids": torch.tensor([u.input_ids]), **self.vision_inputs(u)}
+            (ids,) = generate(
+                self.model,
+                inputs,
+                max_new_tokens=sampling.max_new_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                stop_token_ids=sorted(self.eos),
+                seed=sampling.seed,
+            )
+            stopped = bool(ids) and ids[-1] in self.eos
+            text = self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+            reason = "stop" if stopped else "length"
+            out.append(Generation(text, reason, len(ids), time.perf_counter() - started))
+        return out
+
+
+def _eos_ids(path: Path, default: int) -> set[int]:
+    import json
+
+    ids = {default}
+    gen = path / "generation_config.json"
+    if gen.is_file():
+        value = json.loads(gen.read_text()).get("eos_token_id")
+        ids |= set([value] if isinstance(value, int) else value or [])
+    return ids
+
+
+def load_backend(
+    model_path: str, dtype: str, device: str, max_batch_tokens: int, gpu_share: float = 1.0
+) -> Backend:
+    try:
+        import model.engine  # noqa: F401
+    except ImportError:
+        return SimpleBackend(model_path, dtype, device)
+    return EngineBackend(model_path, dtype, device, max_batch_tokens, gpu_share)
+
+
+class Infer:
+    """Ray Data stage (actor pool, `num_gpus` per actor): packs of prepared rows in, result rows out."""
+
+    def __init__(
+        self,
+        model_path: str,
+        record: type[CaptionRecord] | type[PageRecord],
+        sampling: dict[str, Any],
+        dtype: str = "bfloat16",
+        device: str = "auto",
+        max_batch_tokens: int = 16384,
+        gpu_share: float = 1.0,
+    ):
+        self.backend = load_backend(model_path, dtype, device, max_batch_tokens, gpu_share)
+        self.sampling = Sampling(**sampling)
+        self.schema = result_schema(record)
+
+    def generate(self, units: list[UnitPrompt]) -> list[Generation]:
+        """All at once; if the pack fails as a whole, unit by unit so one bad row cannot sink the others."""
+        try:
+            return self.backend.generate(units, self.sampling)
+        except Exception:
+            if len(units) == 1:
+                raise
+        out = []
+        for u in units:
+            try:
+                out.extend(self.backend.generate([u], self.sampling))
+            except Exception as e:
+                out.append(Generation("", "error", 0, 0.0, f"{type(e).__name__}: {e}"))
+        return out
+
+    def run_pack(self, table: pa.Table) -> list[dict[str, Any]]:
+        started = time.perf_counter()
+        rows = table.drop_columns([PIXELS]).to_pylist()
+        todo = [i for i, r in enumerate(rows) if r["status"] == "ok"]
+        units = [UnitPrompt(rows[i][INPUT_IDS], pixels_at(table, i)) for i in todo]
+        try:
+            generations = self.generate(units) if units else []
+        except Exception as e:
+            generations = [Generation("", "error", 0, 0.0, f"{type(e).__name__}: {e}")] * len(units)
+        for i, g in zip(todo, generations):
+            row = rows[i]
+            row.update(
+                text=g.text,
+                finish_reason=g.finish_reason,
+                generated_tokens=g.generated_tokens,
+                infer_s=g.seconds,
+            )
+            if g.finish_reason == "error":
+                row.update(error_fields(row["uri"], "infer", g.error or "generation failed"))
+        if rows:
+            rows[0][BUSY_S] = time.perf_counter() - started
+        return rows
+
+    def __call__(self, packs: pa.Table) -> pa.Table:
+        rows = []
+        for k in range(packs.num_rows):
+            rows.extend(self.run_pack(unpack_table(packs.slice(k, 1))))
+        return pa.Table.from_pylist(rows, schema=self.schema)
