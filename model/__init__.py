@@ -8,3 +8,7 @@ from model.qwen2vl import Qwen2VL
 __all__ = ["Processor", "Qwen2VL", "Qwen2VLConfig", "VisionConfig", "generate", "sample_next"]
 
 # Engine (issue #4): import its names here and extend __all__.
+from model.engine import Engine, EngineConfig, Request, RequestOutput  # noqa: E402
+from model.sampling import SamplingParams  # noqa: E402
+
+__all__ += ["Engine", "EngineConfig", "Request", "RequestOutput", "SamplingParams"]

@@ -1,0 +1,171 @@
+"""Turns a scheduled step into tensors and runs the model: vision for new prefills, the packed LM, logits."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from model.kv_cache import CacheShape, allocate_kv_cache
+from model.paged_attention import PagedAttention
+from model.qwen2vl import Qwen2VL
+from model.scheduler import ScheduledBatch
+from model.sequence import Sequence, VisionItem
+
+
+def split_vision_item(item: VisionItem, max_patches: int) -> list[VisionItem]:
+    """Cut a video into runs of temporal slices of at most `max_patches` patches; images stay whole.
+
+    Vision attention never crosses a temporal slice and its rotary depends on (row, col) only, so the
+    pieces encode to exactly the rows the whole video would give."""
+    t, h, w = item.grid_thw
+    per_slice = h * w
+    if not item.is_video or t * per_slice <= max_patches:
+        return [item]
+    step = max(1, max_patches // per_slice)
+    return [
+        VisionItem(
+            item.pixel_values[t0 * per_slice : min(t, t0 + step) * per_slice],
+            (min(t, t0 + step) - t0, h, w),
+            True,
+        )
+        for t0 in range(0, t, step)
+    ]
+
+
+def plan_vision_calls(sizes: list[int], max_patches: int) -> list[list[int]]:
+    """Group item indices into calls of at most `max_patches` patches (an item larger than that runs
+    alone). Items are taken by size so equal sizes sit together and batch inside the tower's attention."""
+    calls: list[list[int]] = []
+    total = max_patches + 1
+    for i in sorted(range(len(sizes)), key=lambda j: sizes[j]):
+        if total + sizes[i] > max_patches:
+            calls.append([])
+            total = 0
+        calls[-1].append(i)
+        total += sizes[i]
+    return calls
+
+
+CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+class ModelRunner:
+    """Owns the KV cache tensors; runs one scheduled step and returns the logits of sequences to sample."""
+
+    def __init__(
+        self, model: Qwen2VL, num_blocks: int, block_size: int, max_vision_patches: int, backend: str
+    ):
+        self.model = model
+        self.config = model.config
+        self.device, self.dtype = model.device, model.dtype
+        self.max_vision_patches = max_vision_patches
+        self.backend = backend
+        self.cache_shape = CacheShape(
+            self.config.num_hidden_layers, self.config.num_key_value_heads, self.config.head_dim, block_size
+        )
+        self.k_cache, self.v_cache = allocate_kv_cache(self.cache_shape, num_blocks, self.dtype, self.device)
+        self.vision_seconds = 0.0  # wall time in the vision tower, for throughput figures
+        self.vision_patches = 0
+
+    def sdpa_backends(self) -> contextlib.AbstractContextManager:
+        """SDPA kernels the engine allows: on CUDA, not cuDNN's, which builds a graph for every new sequence
+        length (about 2 ms of CPU each on an H200 with torch 2.11) and every image or prompt length is new."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return sdpa_kernel(CUDA_SDPA_BACKENDS)
+
+    @torch.inference_mode()
+    def encode_vision(self, seqs: list[Sequence]) -> None:
+        """Vision embeddings of every sequence in `seqs`, their images and videos packed into few calls."""
+        pieces: list[tuple[int, int, VisionItem]] = []  # (sequence, item, piece)
+        for s, seq in enumerate(seqs):
+            for i, item in enumerate(seq.vision_items):
+                pieces.extend((s, i, p) for p in split_vision_item(item, self.max_vision_patches))
+        merge2 = self.config.vision.spatial_merge_size**2
+        outputs: list[torch.Tensor | None] = [None] * len(pieces)
+        sync = (
+            self.device.type == "cuda"
+        )  # for vision_seconds: costs a little overlap, tells the tower's rate
+        for call in plan_vision_calls([p.num_patches for _, _, p in pieces], self.max_vision_patches):
+            if sync:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            pixels = torch.cat([pieces[j][2].pixel_values for j in call]).to(self.device, self.dtype)
+            grid = torch.tensor([pieces[j][2].grid_thw for j in call])
+            embeds = self.model.encode_vision(pixels, grid)
+            for j, out in zip(call, embeds.split([pieces[j][2].num_patches // merge2 for j in call])):
+                outputs[j] = out
+            if sync:
+                torch.cuda.synchronize()
+            self.vision_seconds += time.perf_counter() - t0
+            self.vision_patches += int(grid.prod(-1).sum())
+
+        per_item: dict[tuple[int, int], list[torch.Tensor]] = {}
+        for (s, i, _), out in zip(pieces, outputs):
+            per_item.setdefault((s, i), []).append(out)
+        for s, seq in enumerate(seqs):
+            images = [torch.cat(per_item[s, i]) for i, it in enumerate(seq.vision_items) if not it.is_video]
+            videos = [torch.cat(per_item[s, i]) for i, it in enumerate(seq.vision_items) if it.is_video]
+            ids = torch.tensor(seq.token_ids[: seq.prompt_len])
+            seq.vision_embeds = self.model.vision_in_prompt_order(
+                ids, torch.cat(images) if images else None, torch.cat(videos) if videos else None
+            )
+            is_pad = (ids == self.config.image_token_id) | (ids == self.config.video_token_id)
+            seq.vision_slots = is_pad.nonzero().squeeze(1)
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor | None]:
+        """Run one step. Returns the sequences whose last token was computed (they sample next) and their
+        float32 logits (n, vocab); partial prefill chunks produce no logits."""
+        with self.sdpa_backends():
+            return self._run(batch)
+
+    def _run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor | None]:
+        new_prefills = [s for s in batch.seqs if s.needs_vision]
+        if new_prefills:
+            self.encode_vision(new_prefills)
+
+        ids: list[int] = []
+        positions, vis_rows, vis_embeds, sample_rows, to_sample = [], [], [], [], []
+        starts = [s.num_computed for s in batch.seqs]
+        decode_pos: list[int] = []  # generated tokens sit at one position on all three axes
+        for seq, start, n in zip(batch.seqs, starts, batch.num_new_tokens):
+            offset, end = len(ids), start + n
+            ids.extend(seq.token_ids[start:end])
+            if n == 1 and start >= seq.prompt_len:
+                decode_pos.append(start + seq.rope_delta)
+            else:
+                if decode_pos:
+                    positions.append(torch.tensor(decode_pos).expand(3, -1))
+                    decode_pos = []
+                positions.append(seq.position_ids(start, end))
+            if seq.vision_embeds is not None:
+                lo, hi = torch.searchsorted(seq.vision_slots, torch.tensor([start, end])).tolist()
+                if hi > lo:
+                    vis_rows.append(seq.vision_slots[lo:hi] - start + offset)
+                    vis_embeds.append(seq.vision_embeds[lo:hi])
+            if end == seq.num_tokens:
+                sample_rows.append(len(ids) - 1)
+                to_sample.append(seq)
+
+        if decode_pos:
+            positions.append(torch.tensor(decode_pos).expand(3, -1))
+        x = self.model.model.embed_tokens(torch.tensor(ids).to(self.device, non_blocking=True))
+        if vis_rows:
+            x.index_copy_(0, torch.cat(vis_rows).to(self.device), torch.cat(vis_embeds).to(x.dtype))
+        ctx = PagedAttention(
+            self.k_cache,
+            self.v_cache,
+            starts,
+            batch.num_new_tokens,
+            [s.block_table for s in batch.seqs],
+            self.backend,
+        )
+        hidden = self.model.hidden_states(x, torch.cat(positions, dim=1).to(self.device), ctx)
+        if not to_sample:
+            return [], None
+        last = hidden.index_select(0, torch.tensor(sample_rows, device=self.device))
+        return to_sample, self.model.logits(last).float()
