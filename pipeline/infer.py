@@ -3,11 +3,16 @@
 The batched engine (continuous batching) serves when `model.engine` is importable; the simple
 `model.generate` stands in behind the same `Backend` interface otherwise. Pixels arrive as uint8 at the
 model's size; normalisation and patchify run on the model's device.
+
+Fault drill: VLBATCH_FAULT_INFER_EXIT="SUBSTRING[:TIMES]" (read on the driver) makes a GPU worker
+`os._exit` after generating a pack that holds an item whose URI contains SUBSTRING, at most TIMES times
+in all (default 1), counted in files so that restarted workers see the earlier exits.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -18,11 +23,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from pipeline.isolation import Fault
 from pipeline.packing import unpack_table
 from pipeline.prepare import BUSY_S, INPUT_IDS, PIXELS, error_fields, pixels_at, result_schema
 from schemas import CaptionRecord, PageRecord
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+FAULT_INFER_EXIT_ENV = "VLBATCH_FAULT_INFER_EXIT"
+FAULT_EXIT_CODE = 17
 
 
 def pick_device(device: str) -> str:
@@ -177,6 +185,21 @@ def _eos_ids(path: Path, default: int) -> set[int]:
     return ids
 
 
+def claim_fault(fault: Fault, fault_dir: str) -> bool:
+    """True for the first `fault.times` claims of this fault, by whatever process makes them.
+
+    Each claim is a file created exclusively, so concurrent or restarted workers never count one twice.
+    """
+    tag = hashlib.sha1(fault.substring.encode()).hexdigest()[:12]
+    for k in range(fault.times):
+        try:
+            os.close(os.open(os.path.join(fault_dir, f"infer-exit-{tag}-{k}"), os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            continue
+        return True
+    return False
+
+
 def load_backend(
     model_path: str, dtype: str, device: str, max_batch_tokens: int, gpu_share: float = 1.0
 ) -> Backend:
@@ -199,10 +222,21 @@ class Infer:
         device: str = "auto",
         max_batch_tokens: int = 16384,
         gpu_share: float = 1.0,
+        faults: tuple[Fault, ...] = (),
+        fault_dir: str | None = None,
     ):
+        if faults and fault_dir is None:
+            raise ValueError("infer fault drills need a fault_dir to count their exits in")
         self.backend = load_backend(model_path, dtype, device, max_batch_tokens, gpu_share)
         self.sampling = Sampling(**sampling)
         self.schema = result_schema(record)
+        self.faults, self.fault_dir = faults, fault_dir
+
+    def maybe_die(self, rows: list[dict[str, Any]]) -> None:
+        """The fault drill: exit the whole worker process, as a GPU fault or the OOM killer would."""
+        for fault in self.faults:
+            if any(fault.substring in str(r["uri"]) for r in rows) and claim_fault(fault, self.fault_dir):
+                os._exit(FAULT_EXIT_CODE)
 
     def generate(self, units: list[UnitPrompt]) -> list[Generation]:
         """All at once; if the pack fails as a whole, unit by unit so one bad row cannot sink the others."""
@@ -238,6 +272,8 @@ class Infer:
             )
             if g.finish_reason == "error":
                 row.update(error_fields(row["uri"], "infer", g.error or "generation failed"))
+        if self.faults:  # after the work, before its results leave: the worst moment to die
+            self.maybe_die(rows)
         if rows:
             rows[0][BUSY_S] = time.perf_counter() - started
         return rows

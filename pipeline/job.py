@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import os
 import secrets
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +22,8 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from pipeline.infer import Infer, model_identity
+from pipeline.infer import FAULT_INFER_EXIT_ENV, Infer, model_identity
+from pipeline.isolation import DecodeFaults, IsolatedDecoder, parse_faults
 from pipeline.packing import pack_table
 from pipeline.postprocess import Postprocess
 from pipeline.prepare import BUSY_S, UNIT_ORDINAL, DecodeUnits, Prepare, error_fields, unit_key
@@ -39,6 +42,10 @@ from schemas import SCHEMA_VERSION, CaptionRecord, CaptionVideosJob, OcrDocument
 
 Job = CaptionVideosJob | OcrDocumentsJob
 PACK_WINDOW_ROWS = 64  # rows the packer sees at once: enough to fill packs, few enough to bound memory
+# Ray Data keeps a few KiB of bookkeeping per block in the driver; capping the blocks caps that memory
+# (beyond the cap, blocks hold several items).
+MAX_INPUT_BLOCKS = 20_000
+FAULTS_DIR = "_faults"  # fault drill counters, in the output directory (ignored by dataset readers)
 MAX_LISTED_ERRORS = 100
 
 
@@ -54,15 +61,26 @@ def unit_name(job: Job) -> str:
     return "windows" if isinstance(job, CaptionVideosJob) else "pages"
 
 
-def make_decoder(job: Job) -> Callable[[], Callable]:
-    """A picklable factory of the job's decode stage (built inside each decode actor)."""
+def make_decoder(job: Job, isolated: bool = True) -> Callable[[], Callable]:
+    """A picklable factory of the job's decode stage (built inside each decode actor).
+
+    Isolated (the default): the decoder runs in one killable child process per decode actor, so a hang or
+    a crash costs one item, never the worker. Fault drills (VLBATCH_FAULT_DECODE_*) are read here.
+    """
     if isinstance(job, CaptionVideosJob):
         from pipeline.video import DecodeVideo, VideoDecodeConfig
 
-        return functools.partial(DecodeVideo, VideoDecodeConfig.from_job(job))
-    from pipeline.documents import DocumentConfig, RasteriseDocument
+        factory = functools.partial(DecodeVideo, VideoDecodeConfig.from_job(job))
+    else:
+        from pipeline.documents import DocumentConfig, RasteriseDocument
 
-    return functools.partial(RasteriseDocument, DocumentConfig.from_job(job))
+        factory = functools.partial(RasteriseDocument, DocumentConfig.from_job(job))
+    if not isolated:
+        return factory
+    limits = job.limits
+    return functools.partial(
+        IsolatedDecoder, factory, limits.decode_timeout_s, limits.decode_retries, DecodeFaults.from_env()
+    )
 
 
 def new_job_id(job: Job) -> str:
@@ -82,6 +100,19 @@ def gpus_per_infer_worker(job: Job) -> float:
     return job.resources.gpus_per_worker if cluster_gpus > 0 else 0.0
 
 
+def infer_faults(job: Job) -> dict[str, Any]:
+    """The GPU-worker fault drill of VLBATCH_FAULT_INFER_EXIT, read on the driver, for the infer actors.
+
+    Its counts are kept as files under the output's `_faults/` folder, so they hold across actor restarts.
+    """
+    faults = parse_faults(os.environ.get(FAULT_INFER_EXIT_ENV), FAULT_INFER_EXIT_ENV)
+    if not faults:
+        return {}
+    fault_dir = Path(job.output).resolve() / FAULTS_DIR
+    fault_dir.mkdir(parents=True, exist_ok=True)
+    return {"faults": faults, "fault_dir": str(fault_dir)}
+
+
 def build_dataset(job: Job, items: list[Item], job_id: str, model: tuple[str, str]):
     """The chain of stages over `items`; nothing runs until the dataset is iterated."""
     import ray.data
@@ -91,7 +122,7 @@ def build_dataset(job: Job, items: list[Item], job_id: str, model: tuple[str, st
     num_gpus = gpus_per_infer_worker(job)
     device = job.device if job.device != "auto" else ("cuda" if num_gpus > 0 else "cpu")
     # One item per input block (up to a cap) so the decode pool balances items, not block-sized chunks.
-    blocks = max(1, min(len(items), 20_000))
+    blocks = max(1, min(len(items), MAX_INPUT_BLOCKS))
     ds = ray.data.from_items([asdict(it) for it in items], override_num_blocks=blocks)
     ds = ds.map_batches(
         DecodeUnits,
@@ -120,23 +151,32 @@ def build_dataset(job: Job, items: list[Item], job_id: str, model: tuple[str, st
         batch_format="pyarrow",
         num_cpus=0.25,
     )
-    ds = ds.map_batches(
-        Infer,
-        fn_constructor_kwargs={
-            "model_path": job.model,
-            "record": record,
-            "dtype": job.dtype,
-            "device": device,
-            "sampling": job.sampling.model_dump(),
-            "max_batch_tokens": r.max_batch_tokens,
-            "gpu_share": num_gpus,
-        },
-        batch_size=1,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=r.gpu_workers),
-        num_gpus=num_gpus,
-        num_cpus=1 if num_gpus == 0 else 0.5,
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for actor restarts yet, and warns on the generic ones.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated", category=Warning)
+        ds = ds.map_batches(
+            Infer,
+            fn_constructor_kwargs={
+                "model_path": job.model,
+                "record": record,
+                "dtype": job.dtype,
+                "device": device,
+                "sampling": job.sampling.model_dump(),
+                "max_batch_tokens": r.max_batch_tokens,
+                "gpu_share": num_gpus,
+                **infer_faults(job),
+            },
+            batch_size=1,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(size=r.gpu_workers),
+            num_gpus=num_gpus,
+            num_cpus=1 if num_gpus == 0 else 0.5,
+            # A dead GPU worker is restarted (model loaded again) and its batches redone, a bounded number
+            # of times: Ray's default is forever, which a batch that kills every worker turns into a hang.
+            # Rows of a first attempt that already reached the driver are dropped there as repeats.
+            max_restarts=-1,
+            max_task_retries=job.limits.infer_retries,
+        )
     postprocess = Postprocess(
         record,
         *model,
@@ -157,6 +197,7 @@ class RunStats:
     visual_tokens: int = 0
     generated_tokens: int = 0
     busy_s: float = 0.0
+    repeats: int = 0  # unit rows that arrived again (a retried task redid them) and were dropped
 
     def add(self, rows: Iterable[dict[str, Any]]) -> None:
         for row in rows:
@@ -352,6 +393,7 @@ def run_job(job: Job, progress: bool = True, connect: Callable[[], None] | None 
             "visual_tokens": run.visual_tokens,
             "generated_tokens": run.generated_tokens,
             "wall_s": round(summary.wall_s, 3),
+            "repeats_dropped": run.repeats,
             "gpu_busy_s": round(run.busy_s, 3),
             "generated_tokens_per_s": round(summary.generated_tokens_per_s, 3),
             # per second of generate() time summed over GPU workers: compare with an engine's own benchmark
@@ -385,26 +427,37 @@ def execute(
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = progress
     ctx.execution_options.preserve_order = False
+    # A block that fails for good (a batch whose retries are spent) must not end the job: its items are
+    # missing at the end of the stream and become error rows below, which the next run redoes.
+    ctx.max_errored_blocks = -1
     run = RunStats()
     writer = DatasetWriter(
-        out_dir, arrow_schema(record), item_key="item_id", unit_key=UNIT_ORDINAL, on_item=run.add
+        out_dir,
+        arrow_schema(record),
+        item_key="item_id",
+        unit_key=UNIT_ORDINAL,
+        rows_per_file=job.limits.rows_per_file,
+        flush_every_s=job.limits.commit_every_s,
+        on_item=run.add,
     )
     try:
+        # No prefetch: Ray's iterator would hold each block until the next one arrives, so a stalled or
+        # killed run would not have committed everything that had reached the driver.
         for batch in build_dataset(job, todo, job_id, model).iter_batches(
-            batch_format="pyarrow", batch_size=None
+            batch_format="pyarrow", batch_size=None, prefetch_batches=0
         ):
             writer.add(batch.to_pylist())
     except BaseException:
         writer.flush()  # items that arrived whole are kept; the rest is redone by the next run
         raise
+    run.repeats = writer.assembler.duplicates
     incomplete = writer.assembler.incomplete()
     for it in todo:
         if it.item_id in writer.assembler.completed:
             continue
         got = len(incomplete.get(it.item_id, []))
-        message = (
-            f"only {got} of its results came back; the next run redoes it" if got else "no result came back"
-        )
+        lost = f"only {got} of its results came back" if got else "no result came back"
+        message = f"{lost} (a worker failed on it for good, see the Ray logs); the next run redoes it"
         writer.add_item([item_error_row(it, job_id, record, message)])
     writer.flush()
     return run

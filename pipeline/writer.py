@@ -216,9 +216,9 @@ class DatasetWriter:
             done = self.assembler.add(row)
             if done is not None:
                 self.add_item(done)
-        if len(self.ready) >= self.rows_per_file or (
-            self.ready and time.monotonic() - self.last_flush >= self.flush_every_s
-        ):
+                if len(self.ready) >= self.rows_per_file:  # checked per item: a batch may hold many files
+                    self.flush()
+        if self.ready and time.monotonic() - self.last_flush >= self.flush_every_s:
             self.flush()
 
     def add_item(self, rows: list[dict]) -> None:

@@ -71,13 +71,62 @@ class Resources(Strict):
 
 
 class Limits(Strict):
-    """Safety limits: inputs beyond them become error rows instead of exhausting a worker."""
+    """Safety limits and failure handling: inputs beyond a limit become error rows instead of exhausting a
+    worker; crashed workers are retried a bounded number of times; a killed job loses little work."""
 
-    decode_timeout_s: float = Field(600.0, gt=0.0)
-    max_pages_per_document: int = Field(2000, ge=1)
-    max_video_seconds: float = Field(4 * 3600.0, gt=0.0)
-    max_frames: int = Field(1_000_000, ge=1)  # frames in the source video
-    max_pixels: int = Field(89_478_485, ge=1)  # per decoded frame or image (Pillow's own bomb threshold)
+    decode_timeout_s: float = Field(
+        600.0,
+        gt=0.0,
+        description="Seconds a decode may go without producing its next window / page before its process "
+        "is killed and the item becomes an error row (ends hangs, including hangs inside C code).",
+    )
+    decode_retries: int = Field(
+        2,
+        ge=0,
+        description="Times an item is retried after its decode process crashed (signal, os._exit, out of "
+        "memory); after that the item becomes an error row. Windows / pages already decoded are kept.",
+    )
+    infer_retries: int = Field(
+        3,
+        ge=0,
+        description="Times a batch is retried on a restarted GPU worker after its worker died; after that "
+        "its items become error rows (stage pipeline) and the next run redoes them.",
+    )
+    max_pages_per_document: int = Field(
+        2000,
+        ge=1,
+        description="Pages read from one document (after page_ranges); a longer document is an error row. "
+        "Pages are streamed one at a time, so memory does not grow with this.",
+    )
+    max_video_seconds: float = Field(
+        4 * 3600.0,
+        gt=0.0,
+        description="Longest video accepted, by its container's duration; a longer one is an error row.",
+    )
+    max_frames: int = Field(
+        1_000_000,
+        ge=1,
+        description="Most frames in the source video (not the sampled ones); more is an error row.",
+    )
+    max_pixels: int = Field(
+        89_478_485,
+        ge=1,
+        description="Most pixels of one source frame or image, checked before decoding it (Pillow's own "
+        "decompression-bomb threshold); PDF pages are instead rendered at a scale that fits the job's "
+        "max_pixels.",
+    )
+    commit_every_s: float = Field(
+        120.0,
+        gt=0.0,
+        description="Finished items are committed to the output at least this often (and every "
+        "rows_per_file rows): the most finished work a killed job loses.",
+    )
+    rows_per_file: int = Field(
+        4096,
+        ge=1,
+        description="A Parquet file is committed once this many rows of whole items are ready (an item's "
+        "rows are never split across files).",
+    )
 
 
 class JobBase(Strict):
