@@ -1,9 +1,11 @@
 """Qwen2-VL preprocessing: resize rules, frame sampling, pixel patches, and the Processor that turns chat
 messages into model inputs.
 
-Two references, matched exactly:
+References, matched exactly:
 - pixels, patch order and grids: `transformers` 4.57.6 `Qwen2VLImageProcessor` (PIL bicubic resize to the
   `smart_resize` size, x/255 in float64, float32 normalize, a still image doubled to 2 frames);
+- sampled video frames: resized as transformers 4.57.6 `Qwen2VLVideoProcessor` does on CPU (torchvision's
+  tensor resize, which for uint8 runs torch's antialiased bicubic in uint8), batched over the frames;
 - video frame count, frame indices and per-frame pixel budget: `qwen-vl-utils` 0.0.14, the official
   Qwen2-VL input pipeline (`smart_nframes`, `torch.linspace(...).round()`, `fetch_video`'s budget).
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -263,6 +266,31 @@ def resize_frames(frames: Any, height: int, width: int) -> np.ndarray:
         else:
             out[i] = np.asarray(Image.fromarray(a).resize((width, height), Image.Resampling.BICUBIC))
     return out
+
+
+def resize_video_frames(frames: np.ndarray | torch.Tensor, height: int, width: int) -> np.ndarray:
+    """uint8 frames [T, H, W, 3] -> [T, height, width, 3], antialiased bicubic, all frames in one call.
+
+    The same arithmetic as torchvision's tensor resize of uint8 frames on CPU, which is what transformers'
+    Qwen2VLVideoProcessor runs: torch's separable bicubic (a = -0.5, PIL's filter) in fixed-point uint8, not
+    float. Frames already of that size come back as they are, as torchvision returns them.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only arrays (from PIL): only read here
+        x = torch.as_tensor(frames)
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[3] != 3:
+        raise ValueError(
+            f"video frames must be uint8 [T, H, W, 3] RGB, got {x.dtype} {tuple(x.shape)}; "
+            "decode to rgb24 and stack the frames"
+        )
+    if tuple(x.shape[1:3]) == (height, width):
+        return x.numpy()
+    # [T, H, W, C] seen as [T, C, H, W] is channels-last, the layout torch's fast uint8 kernel works in, and
+    # its output comes back channels-last too: [T, h, w, C] again, without a copy.
+    y = torch.nn.functional.interpolate(
+        x.permute(0, 3, 1, 2), size=(height, width), mode="bicubic", align_corners=False, antialias=True
+    )
+    return np.ascontiguousarray(y.permute(0, 2, 3, 1).numpy())
 
 
 @dataclass
@@ -551,13 +579,18 @@ class Processor:
     # -- pixels ----------------------------------------------------------------------------------------
 
     def prepare_video(self, frames: Any, fps: float | None, item: dict | None = None) -> np.ndarray:
-        """uint8 frames the model sees: sampled and resized when `fps` is given, else resized only."""
+        """uint8 frames the model sees: sampled and resized when `fps` is given, else resized only.
+
+        Sampled frames are resized as the decode stage resizes them (`resize_video_frames`); frames given
+        without `fps` go through the image processor's resize, as transformers' image processor does.
+        """
         if len(frames) == 0:
             raise ValueError("a video needs at least one frame")
         first = to_rgb_array(frames[0])
         indices, (h, w) = self.video_plan(len(frames), *first.shape[:2], fps, item)
-        chosen = frames if indices is None else [frames[i] for i in indices]
-        return resize_frames(chosen, h, w)
+        if indices is None:
+            return resize_frames(frames, h, w)
+        return resize_video_frames(np.stack([to_rgb_array(frames[i]) for i in indices]), h, w)
 
     def __call__(
         self, messages: list[dict], add_generation_prompt: bool = True

@@ -71,20 +71,48 @@ def render_scale(
     return scale
 
 
+class _PixmapPixels:
+    """A pixmap's samples as numpy sees them, in place: the array's base is this object, which holds the
+    pixmap, so the memory lives as long as the array (`pix.samples` would copy every page once more)."""
+
+    def __init__(self, pix: pymupdf.Pixmap):
+        self.pix = pix
+        self.__array_interface__ = {
+            "version": 3,
+            "shape": (pix.height, pix.width, pix.n),
+            "typestr": "|u1",
+            "data": (pix.samples_ptr, False),
+            "strides": (pix.stride, pix.n, 1),
+        }
+
+
 def rasterise_page(
     page: pymupdf.Page,
     target_longest_side: int | None = 1288,
     dpi: float | None = None,
     max_pixels: int = 28 * 28 * 16384,
-) -> np.ndarray:
-    """uint8 HxWx3 RGB of a page; the scale is fixed before rendering, so a huge page never renders huge."""
+    with_text: bool = False,
+) -> tuple[np.ndarray, str | None]:
+    """(uint8 HxWx3 RGB of a page, its text layer or None); the scale is fixed before rendering, so a huge
+    page never renders huge.
+
+    The page is interpreted once, into a display list that both the rasteriser and the text extraction
+    replay (`page.get_text()` would interpret the page a second time). Pixels and text are what
+    `page.get_pixmap()` and `page.get_text("text")` give.
+    """
     rect = page.rect
     if rect.width <= 0 or rect.height <= 0:
         raise ValueError(f"page {page.number + 1} has an empty size ({rect.width}x{rect.height} pt)")
     scale = render_scale(rect.width, rect.height, target_longest_side, dpi, max_pixels)
-    pix = page.get_pixmap(matrix=pymupdf.Matrix(scale, scale), colorspace=pymupdf.csRGB, alpha=False)
-    pixels = np.frombuffer(pix.samples, dtype=np.uint8).reshape(pix.height, pix.stride)
-    return np.ascontiguousarray(pixels[:, : pix.width * 3].reshape(pix.height, pix.width, 3))
+    display = page.get_displaylist()
+    pix = display.get_pixmap(matrix=pymupdf.Matrix(scale, scale), colorspace=pymupdf.csRGB, alpha=False)
+    if pix.n != 3 or pix.width <= 0 or pix.height <= 0:
+        raise ValueError(f"page {page.number + 1} rendered to {pix.width}x{pix.height}x{pix.n}, not RGB")
+    pixels = np.ascontiguousarray(np.asarray(_PixmapPixels(pix)))  # a copy only if rows are padded
+    text = None
+    if with_text:
+        text = pymupdf.TextPage(display.get_textpage(pymupdf.TEXTFLAGS_TEXT)).extractText()
+    return pixels, text
 
 
 def select_pages(spec: str | None, page_count: int) -> list[int]:
@@ -200,8 +228,9 @@ def iter_document_pages(uri: str, cfg: DocumentConfig) -> Iterator[dict[str, Any
                 assert 0 <= index < count  # never negative, never past the end (see _open_pdf)
                 try:
                     page = doc.load_page(index)
-                    pixels = rasterise_page(page, cfg.target_longest_side, cfg.dpi, cfg.max_pixels)
-                    text = page.get_text("text") if cfg.keep_text_layer else None
+                    pixels, text = rasterise_page(
+                        page, cfg.target_longest_side, cfg.dpi, cfg.max_pixels, cfg.keep_text_layer
+                    )
                     row = _page_row(
                         uri, index, count, pixels, text, page.rect.width, page.rect.height, cfg, started
                     )

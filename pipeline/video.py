@@ -21,13 +21,13 @@ from typing import Any, Literal
 import av
 import numpy as np
 
-from model.processor import FRAME_FACTOR, sample_frame_indices, video_frame_size
-from pipeline.media import DecodeError, error_row, local_file, resize_rgb
+from model.processor import FRAME_FACTOR, resize_video_frames, sample_frame_indices, video_frame_size
+from pipeline.media import DecodeError, error_row, local_file
 from schemas.jobs import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, VIDEO_TOTAL_PIXELS, CaptionVideosJob
 
 DECORD_CODECS = frozenset({"h264", "hevc", "vp8", "vp9"})
 DECORD_CONTAINERS = ("mp4", "mov", "matroska", "webm")  # substrings of PyAV's format names
-DECODE_CHUNK = 16  # frames per decord batch: bounds memory at full source resolution
+DECODE_BATCH_BYTES = 1 << 27  # source-resolution frames per decord batch: bounds memory, not frame count
 MAX_PACKET_ERRORS = 64  # a stream with more undecodable packets than this is called damaged
 
 
@@ -213,8 +213,8 @@ def check_limits(info: VideoInfo, cfg: VideoDecodeConfig) -> None:
 def frame_size(height: int, width: int, n_frames: int, cfg: VideoDecodeConfig) -> tuple[int, int]:
     """(height, width) of each sampled frame: qwen-vl-utils' per-frame budget under the window's total.
 
-    Frames are resized here, on the CPU workers, to this final size (Pillow bicubic, as the reference), so
-    the model-side processor's resize is a no-op and only uint8 pixels of the final size travel on.
+    Frames are resized here, on the CPU workers, to this final size (`resize_video_frames`), so the
+    model-side processor's resize is a no-op and only uint8 pixels of the final size travel on.
     """
     return video_frame_size(height, width, n_frames, cfg.min_pixels, cfg.max_pixels, cfg.total_pixels)
 
@@ -269,23 +269,25 @@ class _DecordFailed(Exception):
 def _decord_windows(path: str, windows: list[Window], info: VideoInfo, cfg: VideoDecodeConfig):
     try:
         import decord
+        from torch.utils.dlpack import from_dlpack
 
         reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=cfg.threads)
         if len(reader) != info.frame_count:  # decord counts differently: its indices are not ours
             raise _DecordFailed(f"decord sees {len(reader)} frames, the stream holds {info.frame_count}")
     except Exception as e:  # decord raises its own DECORDError, RuntimeError, ...
         raise _DecordFailed(str(e)) from e
+    batch_frames = max(1, DECODE_BATCH_BYTES // (info.width * info.height * 3))
     for window in windows:
-        frames = np.empty((len(window.frame_indices), window.height, window.width, 3), dtype=np.uint8)
-        for at in range(0, len(window.frame_indices), DECODE_CHUNK):
-            chunk = list(window.frame_indices[at : at + DECODE_CHUNK])
+        indices = list(window.frame_indices)
+        parts = []
+        for at in range(0, len(indices), batch_frames):
             try:
-                batch = reader.get_batch(chunk).asnumpy()
+                # DLPack hands decord's buffer to torch as it is: no copy at source resolution.
+                batch = from_dlpack(reader.get_batch(indices[at : at + batch_frames]).to_dlpack())
             except Exception as e:
                 raise _DecordFailed(str(e)) from e
-            for k, pixels in enumerate(batch):
-                frames[at + k] = resize_rgb(pixels, window.height, window.width)
-        yield window, frames, list(window.frame_indices)
+            parts.append(resize_video_frames(batch, window.height, window.width))
+        yield window, parts[0] if len(parts) == 1 else np.concatenate(parts), indices
 
 
 def _decoded_frames(container: av.container.InputContainer, stream: av.VideoStream, uri: str):
@@ -354,7 +356,7 @@ def _pyav_windows(
                     )
                     used = []
                 assert frames is not None
-                frames[slot] = resize_rgb(pixels, window.height, window.width)
+                frames[slot] = resize_video_frames(pixels[None], window.height, window.width)[0]
                 used.append(index)
                 t += 1
                 if slot == len(window.frame_indices) - 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 
@@ -195,8 +196,43 @@ def test_one_bad_page_does_not_cost_the_others(tmp_path, monkeypatch):
 
 def test_rasterise_page_directly(tmp_path):
     doc = pymupdf.open(make_pdf(tmp_path / "a.pdf", pages=1, page_size=(100.0, 50.0)))
-    pixels = rasterise_page(doc[0], target_longest_side=200)
-    assert pixels.shape == (100, 200, 3) and pixels.flags.c_contiguous
+    pixels, text = rasterise_page(doc[0], target_longest_side=200)
+    assert pixels.shape == (100, 200, 3) and pixels.flags.c_contiguous and text is None
+
+
+def test_pixels_and_text_are_what_pymupdf_gives(tmp_path):
+    """One display list serves both the pixels and the text layer: the same as page.get_pixmap() and
+    page.get_text(), on cropped, image-only, rotated and annotated pages."""
+    path = make_pdf(tmp_path / "a.pdf", pages=4, image_only_pages=(1,), sizes={3: (300.0, 120.0)})
+    with pymupdf.open(path) as doc:
+        doc[0].set_cropbox(pymupdf.Rect(30, 0, 200, 140))  # cuts through the text
+        doc[2].set_rotation(90)
+        doc[3].add_freetext_annot(pymupdf.Rect(10, 60, 200, 100), "annotated note", fontsize=10)
+        doc.save(tmp_path / "b.pdf")
+    with pymupdf.open(tmp_path / "b.pdf") as doc:
+        for page in doc:
+            pixels, text = rasterise_page(page, 300, with_text=True)
+            scale = render_scale(page.rect.width, page.rect.height, 300, None, 28 * 28 * 16384)
+            pix = page.get_pixmap(matrix=pymupdf.Matrix(scale, scale), colorspace=pymupdf.csRGB, alpha=False)
+            expected = np.frombuffer(pix.samples, np.uint8).reshape(pix.height, pix.width, 3)
+            assert np.array_equal(pixels, expected), page.number
+            assert text == page.get_text("text"), page.number
+        assert "annotated note" in rasterise_page(doc[3], 300, with_text=True)[1]
+        assert rasterise_page(doc[2], 300)[0].shape[0] > rasterise_page(doc[2], 300)[0].shape[1]  # rotated
+
+
+def test_page_pixels_outlive_their_document(tmp_path):
+    """Pixels are the pixmap's own memory (no copy): they must stay valid after the pixmap and the
+    document are gone and other pages have been rendered."""
+    path = make_pdf(tmp_path / "a.pdf", pages=6, image_only_pages=tuple(range(6)))
+    rows = rows_of(path)
+    gc.collect()
+    rows_of(path)  # fresh pixmaps, which would reuse freed memory
+    with pymupdf.open(path) as doc:
+        for row, page in zip(rows, doc, strict=True):
+            expected, _ = rasterise_page(page)
+            assert row["image"].shape == expected.shape and np.array_equal(row["image"], expected)
+            assert read_index(row["image"]) == page.number
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")

@@ -30,6 +30,7 @@ from model.processor import (
     frame_range,
     num_sampled_frames,
     patchify,
+    resize_video_frames,
     sample_frame_indices,
     smart_resize,
     video_frame_size,
@@ -295,6 +296,82 @@ def test_video_pixels_match_transformers(frames, hf_image_processor):
     resized = torch.from_numpy(ours.resize_video(video))
     pixels_t, grid_t = patchify(resized)
     assert torch.equal(pixels_t, pixels) and torch.equal(grid_t, grid)
+
+
+# -- video frame resize ----------------------------------------------------------------------------------
+
+
+def _torchvision_resize(video: torch.Tensor, size: tuple[int, int], keep_uint8: bool) -> torch.Tensor:
+    """torchvision's tensor resize of [T, C, H, W] frames with BICUBIC and antialias=True, restated.
+
+    keep_uint8: `transforms.v2.functional.resize` on CPU, which transformers 4.57.6's Qwen2VLVideoProcessor
+    calls: uint8 goes to torch's native uint8 kernel. Otherwise `transforms.functional.resize` (v1, what
+    qwen-vl-utils 0.0.14's fetch_video calls): uint8 -> float32, interpolate, clamp to 0..255, round, uint8.
+    Both return the input untouched when it already has the size.
+    """
+    if tuple(video.shape[-2:]) == tuple(size):
+        return video
+    x = video if keep_uint8 else video.to(torch.float32)
+    y = torch.nn.functional.interpolate(x, list(size), mode="bicubic", align_corners=False, antialias=True)
+    return y if keep_uint8 else y.clamp(0, 255).round().to(torch.uint8)
+
+
+def _smooth_frames(t: int, h: int, w: int, seed: int) -> np.ndarray:
+    """Frames like camera footage: smooth gradients and soft shapes, no pixel-level noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    frames = []
+    for _ in range(t):
+        fx, fy, phase = rng.uniform(1, 4, 3)
+        base = 128 + 60 * np.sin(2 * np.pi * (fx * x / w + fy * y / h + phase))
+        ball = 80 * np.exp(-(((x - rng.uniform(0, w)) ** 2 + (y - rng.uniform(0, h)) ** 2) / (0.02 * h * w)))
+        frames.append(np.stack([base + ball, base * 0.8 + 20, 255 - base - ball / 2], axis=-1))
+    return np.clip(np.rint(np.stack(frames)), 0, 255).astype(np.uint8)
+
+
+RESIZES = [  # (T, H, W) -> (h, w): shrink, enlarge, one side each way, odd sizes, one frame, no change
+    ((5, 360, 640), (364, 644)),
+    ((3, 720, 1280), (560, 1008)),
+    ((4, 64, 96), (252, 392)),
+    ((2, 101, 37), (56, 28)),
+    ((1, 45, 80), (224, 392)),
+    ((3, 56, 84), (56, 84)),
+]
+
+
+@pytest.mark.parametrize("shape,size", RESIZES, ids=[f"{s[1]}x{s[2]}-{h}x{w}" for s, (h, w) in RESIZES])
+def test_video_resize_matches_transformers_video_processor_on_cpu(shape, size):
+    rng = np.random.default_rng(sum(shape))
+    video = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)  # noise: the hardest case for rounding
+    # transformers hands torchvision contiguous [T, C, H, W] uint8 tensors; ours are [T, H, W, C] views.
+    expected = _torchvision_resize(torch.from_numpy(video).permute(0, 3, 1, 2).contiguous(), size, True)
+    expected = expected.permute(0, 2, 3, 1).numpy()
+    ours = resize_video_frames(video, *size)
+    assert ours.dtype == np.uint8 and ours.flags.c_contiguous and ours.shape == (shape[0], *size, 3)
+    assert np.array_equal(ours, expected)
+    # Frame by frame, from a torch tensor, or from a read-only array: the same pixels.
+    one_by_one = np.concatenate([resize_video_frames(f[None], *size) for f in video])
+    assert np.array_equal(one_by_one, expected)
+    assert np.array_equal(resize_video_frames(torch.from_numpy(video), *size), expected)
+    video.flags.writeable = False
+    assert np.array_equal(resize_video_frames(video, *size), expected)
+
+
+@pytest.mark.parametrize("shape,size", RESIZES[:5])
+def test_video_resize_is_within_one_level_of_qwen_vl_utils(shape, size):
+    """qwen-vl-utils resizes in float32 and rounds once; the uint8 kernel rounds after each pass. On footage-
+    like frames that moves some values by one level, never more (PIL, the image path, rounds the same way;
+    on pixel noise, bicubic overshoot clipped between passes makes larger gaps, for both)."""
+    video = _smooth_frames(*shape, seed=shape[1])
+    float_path = _torchvision_resize(torch.from_numpy(video).permute(0, 3, 1, 2), size, False)
+    diff = np.abs(resize_video_frames(video, *size).astype(int) - float_path.permute(0, 2, 3, 1).numpy())
+    assert diff.max() <= 1
+
+
+def test_video_resize_rejects_other_layouts():
+    for bad in (np.zeros((2, 3, 8, 8), np.uint8), np.zeros((2, 8, 8, 3), np.float32), np.zeros((8, 8, 3))):
+        with pytest.raises(ValueError, match=r"uint8 \[T, H, W, 3\]"):
+            resize_video_frames(bad, 4, 4)
 
 
 def test_patchify_rejects_unresized_or_float_frames():
@@ -584,6 +661,10 @@ def test_processor_samples_and_resizes_raw_video_like_qwen_vl_utils(checkpoint, 
     seen = processor.prepare_video(frames, fps)
     assert [int(f[0, 0, 0]) for f in seen] == indices
     assert seen.shape[1:3] == size
+    # The sampled frames are resized as the decode stage resizes them.
+    textured = _smooth_frames(total, h, w, seed=1)
+    expected = resize_video_frames(textured[indices], *size)
+    assert np.array_equal(processor.prepare_video(textured, fps), expected)
     counted = processor.count_tokens(
         [
             {

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from media import make_audio_only, make_random_bytes, make_video, read_index, strip_mp4_timing, truncate
 
-from model.processor import num_sampled_frames, sample_frame_indices
+import pipeline.video as video
+from model.processor import num_sampled_frames, resize_video_frames, sample_frame_indices
 from pipeline.media import DecodeError
 from pipeline.video import (
     DecodeVideo,
@@ -94,6 +95,29 @@ def test_decode_is_frame_exact(videos, codec, suffix, b_frames, backend):
         assert row["frames"].shape[1:] == (row["height"], row["width"], 3)
         assert row["height"] % 28 == 0 and row["width"] % 28 == 0
         assert row["num_windows"] == len(expected)
+
+
+@pytest.mark.parametrize("codec,suffix", [("h264", "mp4"), ("mpeg4", "avi")])
+def test_frames_are_the_library_frames_resized_once(videos, monkeypatch, codec, suffix):
+    """Each row holds the decoder's own RGB frames passed through `resize_video_frames` (the processor's
+    video resize), whether decord reads a window in one batch or in several, and PyAV frame by frame."""
+    import decord
+
+    path = videos[codec, suffix]
+    one_batch = list(decode_video(path, CFG))
+    monkeypatch.setattr(video, "DECODE_BATCH_BYTES", 96 * 64 * 3 * 3)  # 3 source frames per decord batch
+    rows = list(decode_video(path, CFG))
+    if one_batch[0]["decoder"] == "decord":
+        reader = decord.VideoReader(path, ctx=decord.cpu(0))
+        source = {i: reader[i].asnumpy() for row in rows for i in row["frame_indices"]}
+    else:
+        with av.open(path) as container:
+            source = dict(enumerate(f.to_ndarray(format="rgb24") for f in container.decode(video=0)))
+    for row, whole in zip(rows, one_batch, strict=True):
+        size = (row["height"], row["width"])
+        assert row["frames"].shape[0] > 3 and size != (64, 96)  # several batches, and a real resize
+        expected = resize_video_frames(np.stack([source[i] for i in row["frame_indices"]]), *size)
+        assert np.array_equal(row["frames"], expected) and np.array_equal(whole["frames"], expected)
 
 
 def test_index_pattern_catches_decord_misreads(videos):
