@@ -202,15 +202,20 @@ def test_bad_documents_each_end_in_their_rows(documents):
     assert [r["status"] for r in by_name["good.png"]] == ["ok"]
 
 
-def test_an_unreadable_file_is_an_error_row_naming_it():
+@pytest.mark.parametrize("kind", ["document", "video"])
+def test_an_unreadable_file_is_an_error_row_naming_it(kind):
     # /tmp/pytest-of-root is 0700, which would hide the file from an unprivileged reader altogether.
     root = Path(tempfile.mkdtemp(prefix="vlbatch-unreadable-"))
     try:
         root.chmod(0o711)
-        locked = make_pdf(root / "locked.pdf", pages=1)
+        if kind == "document":
+            locked = make_pdf(root / "locked.pdf", pages=1)
+            factory = functools.partial(RasteriseDocument, DOC_CFG)
+        else:
+            locked = make_video(root / "locked.mp4", "h264", n_frames=8)
+            factory = functools.partial(DecodeVideo, VIDEO_CFG)
         locked.chmod(0o000)
-        (item,) = expand_inputs([str(locked)], "document")  # listing needs no read permission
-        factory = functools.partial(RasteriseDocument, DOC_CFG)
+        (item,) = expand_inputs([str(locked)], kind)  # listing needs no read permission
         if os.geteuid() == 0:  # root reads any file: the child gives up root first, then really cannot
             factory = functools.partial(as_user, NOBODY, factory)
         decoder = IsolatedDecoder(factory, 60.0, 1, DecodeFaults())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
-import os
 
 import numpy as np
 import pymupdf
@@ -233,11 +232,3 @@ def test_page_pixels_outlive_their_document(tmp_path):
             expected, _ = rasterise_page(page)
             assert row["image"].shape == expected.shape and np.array_equal(row["image"], expected)
             assert read_index(row["image"]) == page.number
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
-def test_unreadable_document_is_an_error_row(tmp_path):
-    path = make_pdf(tmp_path / "locked.pdf", pages=1)
-    path.chmod(0)
-    (row,) = rows_of(path)
-    assert row["status"] == "error" and "permission" in row["error_message"]
