@@ -29,9 +29,12 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import math
 import os
 import pickle
+import select
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -55,6 +58,10 @@ UNIT_KEYS = ("window_index", "page_index")  # what numbers a decoder's rows with
 _ARRAY = "\x00ndarray"  # marks where an array (or bytes) sat in a row; real row keys never start with NUL
 _BYTES = "\x00bytes"
 _PR_SET_PDEATHSIG = 1
+_I32 = struct.Struct("!i")
+_U64 = struct.Struct("!Q")
+_LONG_LENGTH = _I32.pack(-1)  # then a u64 length, as multiprocessing frames messages over 2 GiB
+_IOV_MAX = 512  # buffers per writev; Linux allows 1024
 
 log = logging.getLogger(__name__)
 
@@ -177,30 +184,92 @@ def _array_specs(value: Any, out: list[tuple[np.dtype, tuple[int, ...]]]) -> Non
             _array_specs(item, out)
 
 
+def _frame(nbytes: int) -> bytes:
+    """The length prefix multiprocessing's Connection.send_bytes writes (so recv_bytes reads ours too)."""
+    if nbytes > 0x7FFFFFFF:
+        return _LONG_LENGTH + _U64.pack(nbytes)
+    return _I32.pack(nbytes)
+
+
+def _write_all(fd: int, buffers: list[memoryview]) -> None:
+    """Write the buffers in order with writev: no joining into one big byte string, no copy in Python."""
+    pending = [view for view in buffers if view.nbytes]
+    while pending:
+        written = os.writev(fd, pending[:_IOV_MAX])
+        while written:  # drop what went out; keep the rest of a buffer the kernel took only part of
+            if written >= pending[0].nbytes:
+                written -= pending.pop(0).nbytes
+            else:
+                pending[0] = pending[0][written:]
+                written = 0
+
+
+class _Stalled(Exception):
+    """No byte arrived for the timeout (inside `recv_message` only)."""
+
+
+def _read_into(fd: int, view: memoryview, poller: select.poll | None, timeout_ms: int) -> None:
+    """Fill `view` from `fd`, straight into its memory; _Stalled if `poller` sees nothing for the timeout."""
+    got = 0
+    while got < view.nbytes:
+        if poller is not None and not poller.poll(timeout_ms):
+            raise _Stalled
+        n = os.readv(fd, [view[got:]])
+        if n == 0:
+            raise EOFError("the peer closed the connection")
+        got += n
+
+
+def _read_length(fd: int, poller: select.poll | None, timeout_ms: int) -> int:
+    head = bytearray(4)
+    _read_into(fd, memoryview(head), poller, timeout_ms)
+    (nbytes,) = _I32.unpack(head)
+    if nbytes == -1:
+        head = bytearray(8)
+        _read_into(fd, memoryview(head), poller, timeout_ms)
+        (nbytes,) = _U64.unpack(head)
+    return nbytes
+
+
 def send_message(conn: Connection, message: dict[str, Any]) -> None:
-    """One message: its JSON header, then each array's bytes as a message of its own (no extra copy)."""
+    """One message: its JSON header, then each array's bytes framed as a message of its own, all written
+    from where they lie (one writev; a big array is never copied into a joined byte string)."""
     arrays: list[np.ndarray] = []
-    header = _flatten(message, arrays)
-    conn.send_bytes(json.dumps(header).encode())
+    header = json.dumps(_flatten(message, arrays)).encode()
+    buffers = [memoryview(_frame(len(header))), memoryview(header)]
     for array in arrays:
-        conn.send_bytes(array.reshape(-1).view(np.uint8))
+        data = memoryview(array.reshape(-1).view(np.uint8))
+        buffers += [memoryview(_frame(data.nbytes)), data]
+    _write_all(conn.fileno(), buffers)
 
 
 def recv_message(conn: Connection, timeout_s: float | None = None) -> dict[str, Any] | None:
-    """The next message, or None when none starts within `timeout_s`. EOFError when the peer is gone."""
-    if timeout_s is not None and not conn.poll(timeout_s):
+    """The next message, or None when `timeout_s` passes without a byte of it arriving (then, if the
+    message had begun, the connection is out of step: the caller must drop it). EOFError when the peer is
+    gone. Each array's bytes are read straight into a new, writable array of the header's dtype and shape."""
+    fd = conn.fileno()
+    poller, timeout_ms = None, 0
+    if timeout_s is not None:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        timeout_ms = max(0, math.ceil(timeout_s * 1000))
+    try:
+        header_bytes = bytearray(_read_length(fd, poller, timeout_ms))
+        _read_into(fd, memoryview(header_bytes), poller, timeout_ms)
+        header = json.loads(header_bytes)
+        specs: list[tuple[np.dtype, tuple[int, ...]]] = []
+        _array_specs(header, specs)
+        arrays = []
+        for dtype, shape in specs:
+            array = np.empty(shape, dtype=dtype)
+            flat = memoryview(array.reshape(-1).view(np.uint8))
+            nbytes = _read_length(fd, poller, timeout_ms)
+            if nbytes != flat.nbytes:
+                raise EOFError(f"an array of {flat.nbytes} bytes arrived with {nbytes}")
+            _read_into(fd, flat, poller, timeout_ms)
+            arrays.append(array)
+    except _Stalled:
         return None
-    header = json.loads(conn.recv_bytes())
-    specs: list[tuple[np.dtype, tuple[int, ...]]] = []
-    _array_specs(header, specs)
-    arrays = []
-    for dtype, shape in specs:
-        array = np.empty(shape, dtype=dtype)
-        flat = array.reshape(-1).view(np.uint8)
-        received = conn.recv_bytes_into(flat) if flat.nbytes else len(conn.recv_bytes())
-        if received != flat.nbytes:
-            raise EOFError(f"an array of {flat.nbytes} bytes arrived with {received}")
-        arrays.append(array)
     return _unflatten(header, iter(arrays))
 
 

@@ -1,4 +1,4 @@
-"""Bits the decode stages share: typed decode errors, local copies of remote files, resizing, error rows."""
+"""Bits the decode stages share: typed decode errors, local copies of remote files, error rows."""
 
 from __future__ import annotations
 
@@ -8,9 +8,6 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
-
-import numpy as np
-from PIL import Image
 
 from pipeline.sources import resolve
 
@@ -43,14 +40,6 @@ def local_file(uri: str) -> Iterator[str]:
         yield tmp
     finally:
         os.unlink(tmp)
-
-
-def resize_rgb(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
-    """uint8 HxWx3 resized with Pillow's bicubic (antialiased when shrinking); a no-op at the same size."""
-    if pixels.shape[0] == height and pixels.shape[1] == width:
-        return pixels
-    image = Image.fromarray(pixels).resize((width, height), resample=Image.Resampling.BICUBIC)
-    return np.asarray(image)
 
 
 def error_row(row: dict[str, Any], stage: str, error: BaseException, **fields: Any) -> dict[str, Any]:
