@@ -15,7 +15,7 @@ import hashlib
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from pipeline.isolation import Fault
 from pipeline.packing import unpack_table
 from pipeline.prepare import BUSY_S, INPUT_IDS, PIXELS, error_fields, pixels_at, result_schema
 from schemas import CaptionRecord, PageRecord
+from schemas.jobs import Sampling
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 FAULT_INFER_EXIT_ENV = "VLBATCH_FAULT_INFER_EXIT"
@@ -68,16 +69,6 @@ class Generation:
     generated_tokens: int
     seconds: float
     error: str | None = None
-
-
-@dataclass
-class Sampling:
-    max_new_tokens: int = 512
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = 0
-    stop: list[str] = field(default_factory=list)
 
 
 class Backend:
@@ -228,7 +219,7 @@ class Infer:
         if faults and fault_dir is None:
             raise ValueError("infer fault drills need a fault_dir to count their exits in")
         self.backend = load_backend(model_path, dtype, device, max_batch_tokens, gpu_share)
-        self.sampling = Sampling(**sampling)
+        self.sampling = Sampling.model_validate(sampling)
         self.schema = result_schema(record)
         self.faults, self.fault_dir = faults, fault_dir
 
