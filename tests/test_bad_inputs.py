@@ -82,13 +82,17 @@ def as_user(uid: int, factory):
     return factory()
 
 
-def decode_all(decoder: IsolatedDecoder, items) -> dict[str, list[dict[str, Any]]]:
-    """Rows of each item, by item id; every row must carry its own item's id."""
+def decode_all(factory, items) -> dict[str, list[dict[str, Any]]]:
+    """Rows of each item, by item id, through one isolated decoder; every row must carry its own item's id."""
+    decoder = IsolatedDecoder(factory, 60.0, 1, DecodeFaults())
     out: dict[str, list[dict[str, Any]]] = {}
-    for it in items:
-        rows = list(decoder({"uri": it.uri, "item_id": it.item_id}))
-        assert rows and {r["item_id"] for r in rows} == {it.item_id}
-        out[it.item_id] = rows
+    try:
+        for it in items:
+            rows = list(decoder({"uri": it.uri, "item_id": it.item_id}))
+            assert rows and {r["item_id"] for r in rows} == {it.item_id}
+            out[it.item_id] = rows
+    finally:
+        decoder.close()
     return out
 
 
@@ -126,11 +130,7 @@ def videos(tmp_path_factory) -> Path:
 def test_bad_videos_each_end_in_their_rows(videos):
     items = expand_inputs([str(videos)], "video")
     assert len(items) == len(list(videos.iterdir()))  # nothing filtered out before decode
-    decoder = IsolatedDecoder(functools.partial(DecodeVideo, VIDEO_CFG), 60.0, 1, DecodeFaults())
-    try:
-        rows = decode_all(decoder, items)
-    finally:
-        decoder.close()
+    rows = decode_all(functools.partial(DecodeVideo, VIDEO_CFG), items)
     assert_each_unit_once(rows, "window_index")
     by_name = {Path(it.uri).name: rows[it.item_id] for it in items}
     for name, fragment in VIDEO_ERRORS.items():
@@ -180,11 +180,7 @@ def documents(tmp_path_factory) -> Path:
 def test_bad_documents_each_end_in_their_rows(documents):
     items = expand_inputs([str(documents)], "document")
     assert len(items) == len(list(documents.iterdir()))
-    decoder = IsolatedDecoder(functools.partial(RasteriseDocument, DOC_CFG), 60.0, 1, DecodeFaults())
-    try:
-        rows = decode_all(decoder, items)
-    finally:
-        decoder.close()
+    rows = decode_all(functools.partial(RasteriseDocument, DOC_CFG), items)
     assert_each_unit_once(rows, "page_index")
     by_name = {Path(it.uri).name: rows[it.item_id] for it in items}
     for name, fragment in DOC_ERRORS.items():
@@ -218,11 +214,7 @@ def test_an_unreadable_file_is_an_error_row_naming_it(kind):
         (item,) = expand_inputs([str(locked)], kind)  # listing needs no read permission
         if os.geteuid() == 0:  # root reads any file: the child gives up root first, then really cannot
             factory = functools.partial(as_user, NOBODY, factory)
-        decoder = IsolatedDecoder(factory, 60.0, 1, DecodeFaults())
-        try:
-            rows = list(decoder({"uri": item.uri, "item_id": item.item_id}))
-        finally:
-            decoder.close()
+        rows = decode_all(factory, [item])[item.item_id]
         assert_one_error(rows, str(locked), "permission denied; make the file readable by the job's user")
     finally:
         shutil.rmtree(root)
