@@ -3,17 +3,20 @@
 Damaged files can make a decoder spin forever or crash the process, and no Python-level timeout can stop a
 thread that is stuck inside C code. So each decode actor keeps one long-lived child process (started once,
 reused for many items) that runs the real decoder. Items go down one at a time; rows come back one by one
-over a socket pair and are yielded as they arrive, so a 300-page document is never held whole. There is no
-queue between the two: the child blocks on its send until the parent reads, so at most about one row is in
-flight.
+over a socket pair and are yielded as they arrive, so a 300-page document is never held whole. The parent
+acknowledges a row when its consumer asks for the next one, and the child runs at most ROWS_AHEAD rows
+ahead of the acknowledgements: it decodes the next row while the parent hands on this one, and a slow
+consumer holds it back.
 
 - A child that makes no progress for `timeout_s` is killed and replaced; the item ends with an error row.
 - A child that dies mid-item (signal, os._exit, the OOM killer) is replaced and the item retried, up to
   `max_retries` times, then the item ends with an error row. Rows that already reached the parent are not
   sent again: the retry is told which units it has, and the child drops those (dedup by unit index).
 
-Rows travel as a JSON header plus raw array bytes, never pickled: a child that a hostile file has taken
-over cannot make the parent run code. Only the decode factory goes down pickled, once, from the parent.
+Rows travel as a JSON header plus raw array bytes, never pickled: a child that a hostile file has taken over
+cannot make the parent run code. Only the decode factory goes down pickled, once, from the parent. Big
+arrays (a page image, a window of frames) go through a few shared-memory slots the child reuses: one copy
+in, one copy out, and only their place crosses the socket.
 
 Fault injection, for tests and failure drills (both read from the environment of the process that builds
 the decoder; SUBSTRING is matched against the item's URI, several entries are separated by commas):
@@ -30,15 +33,18 @@ import ctypes
 import json
 import logging
 import math
+import mmap
 import os
 import pickle
 import select
 import signal
+import socket
 import struct
 import subprocess
 import sys
 import threading
 import weakref
+from array import array as int_array
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from multiprocessing import Pipe
@@ -54,9 +60,14 @@ FAULT_HANG_ENV = "VLBATCH_FAULT_DECODE_HANG"
 FAULT_EXIT_CODE = 13
 STARTUP_TIMEOUT_S = 120.0  # importing torch, PyAV and PyMuPDF on a loaded node can take a while
 UNIT_KEYS = ("window_index", "page_index")  # what numbers a decoder's rows within one item
+ROWS_AHEAD = 2  # rows the child may send before the parent's consumer took the first of them
 
 _ARRAY = "\x00ndarray"  # marks where an array (or bytes) sat in a row; real row keys never start with NUL
 _BYTES = "\x00bytes"
+_SHARED = "\x00shared"  # an array in the sender's shared memory: [dtype, shape, slot, offset]
+SHARED_MIN_BYTES = 64 << 10  # below this, the socket's copies cost less than the slot's
+_SLOT_GRAIN = 1 << 20  # slots grow in whole MiB
+_ANCILLARY_SIZE = socket.CMSG_SPACE(4 * int_array("i").itemsize)  # room to see if more than one came
 _PR_SET_PDEATHSIG = 1
 _I32 = struct.Struct("!i")
 _U64 = struct.Struct("!Q")
@@ -127,28 +138,114 @@ def _inject(fault: dict[str, Any]) -> None:
         libc.sleep(3600)
 
 
-# ---- messages: JSON header + raw array bytes -------------------------------------------------------------
+# ---- messages: JSON header + raw array bytes; big arrays through reused shared memory -------------------
 
 
-def _flatten(value: Any, arrays: list[np.ndarray]) -> Any:
-    """`value` as JSON types; arrays and bytes are appended to `arrays` and replaced by a marker."""
+class SharedSlots:
+    """The sender's side of shared memory for big arrays: a few memfds used in turn. Each message's big
+    arrays are copied into the next slot and only their place crosses the socket (plus the slot's
+    descriptor when the slot is new or had to grow). The receiver copies them out before it acknowledges
+    the row, and the sender never runs more than ROWS_AHEAD rows ahead, so with ROWS_AHEAD + 1 slots a slot
+    is never written while the receiver still reads it."""
+
+    def __init__(self, count: int = ROWS_AHEAD + 1):
+        self.slots: list[tuple[int, mmap.mmap] | None] = [None] * count
+        self.turn = 0
+
+    def place(self, arrays: list[np.ndarray]) -> tuple[int, list[int], int | None]:
+        """Copy `arrays` into the next slot: (slot index, byte offsets, descriptor to send or None)."""
+        offsets, total = [], 0
+        for array in arrays:
+            offsets.append(total)
+            total += -(-array.nbytes // 64) * 64  # each array starts 64-byte aligned
+        index, self.turn = self.turn, (self.turn + 1) % len(self.slots)
+        slot, new_fd = self.slots[index], None
+        if slot is None or len(slot[1]) < total:
+            if slot is not None:
+                slot[1].close()
+                os.close(slot[0])
+                self.slots[index] = None
+            new_fd = os.memfd_create("vlbatch-rows", os.MFD_CLOEXEC)
+            size = -(-total // _SLOT_GRAIN) * _SLOT_GRAIN
+            os.ftruncate(new_fd, size)
+            self.slots[index] = slot = (new_fd, mmap.mmap(new_fd, size))
+        for array, offset in zip(arrays, offsets, strict=True):
+            np.copyto(np.frombuffer(slot[1], array.dtype, array.size, offset).reshape(array.shape), array)
+        return index, offsets, new_fd
+
+    def close(self) -> None:
+        for slot in filter(None, self.slots):
+            slot[1].close()
+            os.close(slot[0])
+        self.slots = [None] * len(self.slots)
+
+
+class SlotMaps:
+    """The receiver's side: the sender's slots mapped read-only; arrays are copied out of them at once."""
+
+    def __init__(self) -> None:
+        self.maps: dict[int, mmap.mmap] = {}
+
+    def replace(self, index: int, fd: int) -> None:
+        old = self.maps.pop(index, None)
+        if old is not None:
+            old.close()
+        self.maps[index] = mmap.mmap(fd, os.fstat(fd).st_size, prot=mmap.PROT_READ)
+
+    def copy_out(self, spec: list[Any]) -> np.ndarray:
+        dtype, shape, index, offset = np.dtype(spec[0]), tuple(spec[1]), spec[2], spec[3]
+        memory = self.maps.get(index)
+        size = math.prod(shape) * dtype.itemsize
+        if memory is None or not 0 <= offset <= len(memory) - size:
+            raise EOFError("a shared array lies outside the shared memory the sender gave")
+        out = np.empty(shape, dtype=dtype)
+        np.copyto(out, np.frombuffer(memory, dtype, math.prod(shape), offset).reshape(shape))
+        return out
+
+    def close(self) -> None:
+        for memory in self.maps.values():
+            memory.close()
+        self.maps.clear()
+
+
+class _Parts:
+    """What `_flatten` takes out of a message: arrays to send inline and arrays to send through shared
+    memory (their markers get the slot and offset once the slot is known)."""
+
+    def __init__(self, shared_ok: bool):
+        self.inline: list[np.ndarray] = []
+        self.shared: list[np.ndarray] = []
+        self.shared_markers: list[list[Any]] = []
+        self.shared_ok = shared_ok
+
+    def add_array(self, value: np.ndarray) -> dict[str, Any]:
+        spec = [value.dtype.str, list(value.shape)]
+        if self.shared_ok and value.nbytes >= SHARED_MIN_BYTES:
+            self.shared.append(value)
+            self.shared_markers.append(spec)
+            return {_SHARED: spec}
+        self.inline.append(np.ascontiguousarray(value))
+        return {_ARRAY: spec}
+
+
+def _flatten(value: Any, parts: _Parts) -> Any:
+    """`value` as JSON types; arrays and bytes go to `parts` and are replaced by a marker."""
     if isinstance(value, dict):
         out = {}
         for key, item in value.items():
             if not isinstance(key, str):
                 raise TypeError(f"row keys must be strings to cross the decode process boundary, not {key!r}")
-            out[key] = _flatten(item, arrays)
+            out[key] = _flatten(item, parts)
         return out
     if isinstance(value, list | tuple):
-        return [_flatten(item, arrays) for item in value]
+        return [_flatten(item, parts) for item in value]
     if isinstance(value, np.ndarray):
         if value.dtype.hasobject:
             raise TypeError("arrays of Python objects cannot cross the decode process boundary")
-        arrays.append(np.ascontiguousarray(value))
-        return {_ARRAY: [value.dtype.str, list(value.shape)]}
+        return parts.add_array(value)
     if isinstance(value, bytes | bytearray | memoryview):
-        arrays.append(np.frombuffer(value, dtype=np.uint8))
-        return {_BYTES: len(arrays[-1])}
+        parts.inline.append(np.frombuffer(value, dtype=np.uint8))
+        return {_BYTES: len(parts.inline[-1])}
     if isinstance(value, np.generic):
         return value.item()
     if value is None or isinstance(value, str | int | float | bool):
@@ -156,32 +253,36 @@ def _flatten(value: Any, arrays: list[np.ndarray]) -> Any:
     raise TypeError(f"a {type(value).__name__} cannot cross the decode process boundary; use JSON types")
 
 
-def _unflatten(value: Any, arrays: Iterator[np.ndarray]) -> Any:
+def _unflatten(value: Any, inline: Iterator[np.ndarray], slots: SlotMaps | None) -> Any:
     if isinstance(value, dict):
         if _ARRAY in value:
-            return next(arrays)
+            return next(inline)
+        if _SHARED in value:
+            if slots is None:
+                raise EOFError("a shared array arrived on a connection that takes none")
+            return slots.copy_out(value[_SHARED])
         if _BYTES in value:
-            return next(arrays).tobytes()
-        return {key: _unflatten(item, arrays) for key, item in value.items()}
+            return next(inline).tobytes()
+        return {key: _unflatten(item, inline, slots) for key, item in value.items()}
     if isinstance(value, list):
-        return [_unflatten(item, arrays) for item in value]
+        return [_unflatten(item, inline, slots) for item in value]
     return value
 
 
-def _array_specs(value: Any, out: list[tuple[np.dtype, tuple[int, ...]]]) -> None:
-    """dtype and shape of each marked array in `value`, in the order `_flatten` met them."""
+def _inline_specs(value: Any, out: list[tuple[np.dtype, tuple[int, ...]]]) -> None:
+    """dtype and shape of each inline array in `value`, in the order `_flatten` met them."""
     if isinstance(value, dict):
         if _ARRAY in value:
             dtype, shape = value[_ARRAY]
             out.append((np.dtype(dtype), tuple(shape)))
         elif _BYTES in value:
             out.append((np.dtype(np.uint8), (value[_BYTES],)))
-        else:
+        elif _SHARED not in value:
             for item in value.values():
-                _array_specs(item, out)
+                _inline_specs(item, out)
     elif isinstance(value, list):
         for item in value:
-            _array_specs(item, out)
+            _inline_specs(item, out)
 
 
 def _frame(nbytes: int) -> bytes:
@@ -195,71 +296,138 @@ def _write_all(fd: int, buffers: list[memoryview]) -> None:
     """Write the buffers in order with writev: no joining into one big byte string, no copy in Python."""
     pending = [view for view in buffers if view.nbytes]
     while pending:
-        written = os.writev(fd, pending[:_IOV_MAX])
-        while written:  # drop what went out; keep the rest of a buffer the kernel took only part of
-            if written >= pending[0].nbytes:
-                written -= pending.pop(0).nbytes
-            else:
-                pending[0] = pending[0][written:]
-                written = 0
+        _drop_written(pending, os.writev(fd, pending[:_IOV_MAX]))
+
+
+def _drop_written(pending: list[memoryview], written: int) -> None:
+    """Drop what went out; keep the rest of a buffer the kernel took only part of."""
+    while written:
+        if written >= pending[0].nbytes:
+            written -= pending.pop(0).nbytes
+        else:
+            pending[0] = pending[0][written:]
+            written = 0
 
 
 class _Stalled(Exception):
     """No byte arrived for the timeout (inside `recv_message` only)."""
 
 
+def _wait(poller: select.poll | None, timeout_ms: int) -> None:
+    if poller is not None and not poller.poll(timeout_ms):
+        raise _Stalled
+
+
 def _read_into(fd: int, view: memoryview, poller: select.poll | None, timeout_ms: int) -> None:
     """Fill `view` from `fd`, straight into its memory; _Stalled if `poller` sees nothing for the timeout."""
     got = 0
     while got < view.nbytes:
-        if poller is not None and not poller.poll(timeout_ms):
-            raise _Stalled
+        _wait(poller, timeout_ms)
         n = os.readv(fd, [view[got:]])
         if n == 0:
             raise EOFError("the peer closed the connection")
         got += n
 
 
-def _read_length(fd: int, poller: select.poll | None, timeout_ms: int) -> int:
-    head = bytearray(4)
-    _read_into(fd, memoryview(head), poller, timeout_ms)
-    (nbytes,) = _I32.unpack(head)
-    if nbytes == -1:
-        head = bytearray(8)
+def _read_length(fd: int, poller: select.poll | None, timeout_ms: int, long: bool = False) -> int:
+    """A frame's length (`long`: the u64 that follows a -1, whose four bytes the caller read)."""
+    if not long:
+        head = bytearray(4)
         _read_into(fd, memoryview(head), poller, timeout_ms)
-        (nbytes,) = _U64.unpack(head)
+        (nbytes,) = _I32.unpack(head)
+        if nbytes != -1:
+            return nbytes
+    head = bytearray(8)
+    _read_into(fd, memoryview(head), poller, timeout_ms)
+    (nbytes,) = _U64.unpack(head)
     return nbytes
 
 
-def send_message(conn: Connection, message: dict[str, Any]) -> None:
-    """One message: its JSON header, then each array's bytes framed as a message of its own, all written
-    from where they lie (one writev; a big array is never copied into a joined byte string)."""
-    arrays: list[np.ndarray] = []
-    header = json.dumps(_flatten(message, arrays)).encode()
+def _read_first_bytes(fd: int, view: memoryview, poller: select.poll | None, timeout_ms: int) -> int | None:
+    """`_read_into` that also takes the descriptor riding on these bytes, if any (the kernel hands it over
+    with the first read that touches the bytes it was sent with)."""
+    sock = socket.socket(fileno=fd)
+    received: list[int] = []
+    try:
+        got = 0
+        while got < view.nbytes:
+            _wait(poller, timeout_ms)
+            n, ancillary, flags, _ = sock.recvmsg_into([view[got:]], _ANCILLARY_SIZE)
+            for level, kind, data in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds = int_array("i")
+                    fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+                    received += fds
+            if flags & socket.MSG_CTRUNC or len(received) > 1:
+                raise EOFError("a message came with more than one descriptor")
+            if n == 0:
+                raise EOFError("the peer closed the connection")
+            got += n
+    except BaseException:
+        for x in received:
+            os.close(x)
+        raise
+    finally:
+        sock.detach()  # the descriptor stays the Connection's
+    return received[0] if received else None
+
+
+def send_message(conn: Connection, message: dict[str, Any], slots: SharedSlots | None = None) -> None:
+    """One message: its JSON header, then each inline array's bytes framed as a message of its own, all
+    written from where they lie (one writev). With `slots`, arrays of SHARED_MIN_BYTES or more are copied
+    into shared memory instead and only their place crosses the socket."""
+    parts = _Parts(shared_ok=slots is not None)
+    flat = _flatten(message, parts)
+    new_fd = None
+    if parts.shared:
+        index, offsets, new_fd = slots.place(parts.shared)
+        for spec, offset in zip(parts.shared_markers, offsets, strict=True):
+            spec += [index, offset]
+    header = json.dumps(flat).encode()
     buffers = [memoryview(_frame(len(header))), memoryview(header)]
-    for array in arrays:
+    for array in parts.inline:
         data = memoryview(array.reshape(-1).view(np.uint8))
         buffers += [memoryview(_frame(data.nbytes)), data]
-    _write_all(conn.fileno(), buffers)
+    fd = conn.fileno()
+    if new_fd is not None:  # the slot's descriptor rides on the header's first bytes
+        sock = socket.socket(fileno=fd)
+        try:
+            head = buffers[:2]
+            _drop_written(
+                head, sock.sendmsg(head, [(socket.SOL_SOCKET, socket.SCM_RIGHTS, int_array("i", [new_fd]))])
+            )
+        finally:
+            sock.detach()
+        buffers = head + buffers[2:]
+    _write_all(fd, buffers)
 
 
-def recv_message(conn: Connection, timeout_s: float | None = None) -> dict[str, Any] | None:
+def recv_message(
+    conn: Connection, timeout_s: float | None = None, slots: SlotMaps | None = None
+) -> dict[str, Any] | None:
     """The next message, or None when `timeout_s` passes without a byte of it arriving (then, if the
     message had begun, the connection is out of step: the caller must drop it). EOFError when the peer is
-    gone. Each array's bytes are read straight into a new, writable array of the header's dtype and shape."""
+    gone. Inline arrays are read straight into new arrays of the header's dtype and shape; shared ones are
+    copied out of `slots` into new arrays (so the sender may reuse the memory once told)."""
     fd = conn.fileno()
     poller, timeout_ms = None, 0
     if timeout_s is not None:
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         timeout_ms = max(0, math.ceil(timeout_s * 1000))
+    new_fd = None
     try:
-        header_bytes = bytearray(_read_length(fd, poller, timeout_ms))
+        head = bytearray(4)
+        new_fd = _read_first_bytes(fd, memoryview(head), poller, timeout_ms)
+        (nbytes,) = _I32.unpack(head)
+        if nbytes == -1:
+            nbytes = _read_length(fd, poller, timeout_ms, long=True)
+        header_bytes = bytearray(nbytes)
         _read_into(fd, memoryview(header_bytes), poller, timeout_ms)
         header = json.loads(header_bytes)
         specs: list[tuple[np.dtype, tuple[int, ...]]] = []
-        _array_specs(header, specs)
-        arrays = []
+        _inline_specs(header, specs)
+        inline = []
         for dtype, shape in specs:
             array = np.empty(shape, dtype=dtype)
             flat = memoryview(array.reshape(-1).view(np.uint8))
@@ -267,10 +435,32 @@ def recv_message(conn: Connection, timeout_s: float | None = None) -> dict[str, 
             if nbytes != flat.nbytes:
                 raise EOFError(f"an array of {flat.nbytes} bytes arrived with {nbytes}")
             _read_into(fd, flat, poller, timeout_ms)
-            arrays.append(array)
+            inline.append(array)
+        if new_fd is not None:
+            index = _slot_of(header)
+            if slots is None or index is None:
+                raise EOFError("shared memory arrived with a message that has no place for it")
+            slots.replace(index, new_fd)
     except _Stalled:
         return None
-    return _unflatten(header, iter(arrays))
+    finally:
+        if new_fd is not None:  # a mapping holds its memory by itself
+            os.close(new_fd)
+    return _unflatten(header, iter(inline), slots)
+
+
+def _slot_of(value: Any) -> int | None:
+    """The slot a message's shared arrays lie in (one per message), or None."""
+    if isinstance(value, dict):
+        if _SHARED in value:
+            return value[_SHARED][2]
+        value = list(value.values())
+    if isinstance(value, list):
+        for item in value:
+            index = _slot_of(item)
+            if index is not None:
+                return index
+    return None
 
 
 # ---- the child --------------------------------------------------------------------------------------------
@@ -297,12 +487,12 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _serve(conn: Connection, decode: Callable, request: dict[str, Any]) -> None:
+def _serve(conn: Connection, decode: Callable, request: dict[str, Any], slots: SharedSlots | None) -> None:
     """Decode one item, sending each row the parent does not have yet, then "end" (or "raise")."""
     send_message(conn, {"kind": "started"})
     have = {tuple(key) for key in request["skip"]}
     fault = request.get("fault")
-    sent = 0
+    sent = acknowledged = 0
     try:
         if fault and fault["after_rows"] <= sent:
             _inject(fault)
@@ -310,7 +500,9 @@ def _serve(conn: Connection, decode: Callable, request: dict[str, Any]) -> None:
             key = unit_identity(row, position)
             if tuple(key) in have:
                 continue
-            send_message(conn, {"kind": "row", "key": key, "row": row})
+            while sent - acknowledged >= ROWS_AHEAD:
+                acknowledged += recv_message(conn)["kind"] == "ack"
+            send_message(conn, {"kind": "row", "key": key, "row": row}, slots)
             sent += 1
             if fault and fault["after_rows"] <= sent:
                 _inject(fault)
@@ -333,13 +525,16 @@ def child_main(fd: int, parent_pid: int) -> None:
         send_message(conn, {"kind": "fatal", "message": f"{type(e).__name__}: {e}"})
         return
     send_message(conn, {"kind": "ready"})
+    slots = SharedSlots() if hasattr(os, "memfd_create") else None  # else big arrays go inline
     while True:
         try:
             request = recv_message(conn)
         except (EOFError, OSError):
             return
+        if request["kind"] == "ack":  # for the last rows of the item before; nothing waits on them
+            continue
         try:
-            _serve(conn, decode, request)
+            _serve(conn, decode, request, slots)
         except (BrokenPipeError, ConnectionResetError):
             return
 
@@ -358,11 +553,12 @@ def _describe_exit(returncode: int | None) -> str:
     return f"exit code {returncode}"
 
 
-def _stop(process: subprocess.Popen, conn: Connection) -> None:
+def _stop(process: subprocess.Popen, conn: Connection, slots: SlotMaps) -> None:
     if process.poll() is None:
         process.kill()
     process.wait()
     conn.close()
+    slots.close()
 
 
 class _Child:
@@ -383,7 +579,8 @@ class _Child:
         )
         child_conn.close()  # only the child holds its end now, so its death reads as EOF here
         self.conn = parent_conn
-        self._finalizer = weakref.finalize(self, _stop, self.process, self.conn)
+        self.slots = SlotMaps()
+        self._finalizer = weakref.finalize(self, _stop, self.process, self.conn, self.slots)
         try:
             self.conn.send_bytes(factory_pickle)
             ready = recv_message(self.conn, startup_timeout_s)
@@ -531,7 +728,7 @@ class IsolatedDecoder:
             return "timeout", ""
         while True:
             try:
-                message = recv_message(child.conn, self.timeout_s)
+                message = recv_message(child.conn, self.timeout_s, child.slots)
             except (EOFError, OSError):
                 return "crash", child.exit_status()
             if message is None:
@@ -540,6 +737,10 @@ class IsolatedDecoder:
             if message["kind"] == "row":
                 have.append(message["key"])
                 yield message["row"]
+                try:  # the consumer is back for more: the child may decode one more row ahead
+                    send_message(child.conn, {"kind": "ack"})
+                except OSError:
+                    return "crash", child.exit_status()
             elif message["kind"] == "end":
                 return "end", ""
             else:
