@@ -62,6 +62,9 @@ class VideoDecodeConfig:
             max_video_seconds=job.limits.max_video_seconds,
             max_source_frames=job.limits.max_frames,
             max_source_pixels=job.limits.max_pixels,
+            # As many decoder threads as the actor has CPUs: left to choose, FFmpeg starts one per core of
+            # the node in every decode actor, and a node full of actors thrashes.
+            threads=max(1, math.ceil(job.resources.cpus_per_decode_worker)),
         )
         return cls(**{**values, **overrides})
 
