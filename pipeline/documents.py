@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 import pymupdf
 from PIL import Image, ImageOps
+from pymupdf import mupdf
 
+from pipeline.isolation import output_array
 from pipeline.media import DecodeError, error_row, local_file
 from schemas.jobs import OcrDocumentsJob, parse_page_ranges
 
@@ -71,19 +73,26 @@ def render_scale(
     return scale
 
 
-class _PixmapPixels:
-    """A pixmap's samples as numpy sees them, in place: the array's base is this object, which holds the
-    pixmap, so the memory lives as long as the array (`pix.samples` would copy every page once more)."""
-
-    def __init__(self, pix: pymupdf.Pixmap):
-        self.pix = pix
-        self.__array_interface__ = {
-            "version": 3,
-            "shape": (pix.height, pix.width, pix.n),
-            "typestr": "|u1",
-            "data": (pix.samples_ptr, False),
-            "strides": (pix.stride, pix.n, 1),
-        }
+def _render(display: pymupdf.DisplayList, scale: float) -> np.ndarray:
+    """The display list as uint8 RGB on white, rendered straight into an `output_array`: what
+    `DisplayList.get_pixmap(matrix, csRGB, alpha=False)` gives, made where the row travels from (in the
+    decode child, the shared memory it is sent in), so no copy of the page follows."""
+    matrix = mupdf.FzMatrix(scale, 0, 0, scale, 0, 0)
+    box = mupdf.fz_round_rect(mupdf.fz_transform_rect(mupdf.fz_bound_display_list(display.this), matrix))
+    width, height = box.x1 - box.x0, box.y1 - box.y0
+    if width <= 0 or height <= 0:
+        raise ValueError(f"the page renders to {width}x{height} pixels")
+    pixels = output_array((height, width, 3), np.uint8)
+    samples = mupdf.python_mutable_buffer_data(memoryview(pixels).cast("B"))
+    pix = mupdf.fz_new_pixmap_with_bbox_and_data(pymupdf.csRGB.this, box, mupdf.FzSeparations(), 0, samples)
+    mupdf.fz_clear_pixmap_with_value(pix, 0xFF)
+    device = mupdf.fz_new_draw_device(matrix, pix)
+    try:
+        everywhere = mupdf.FzRect(mupdf.FzRect.Fixed_INFINITE)
+        mupdf.fz_run_display_list(display.this, device, mupdf.FzMatrix(), everywhere, mupdf.FzCookie())
+    finally:
+        mupdf.fz_close_device(device)
+    return pixels
 
 
 def rasterise_page(
@@ -105,10 +114,7 @@ def rasterise_page(
         raise ValueError(f"page {page.number + 1} has an empty size ({rect.width}x{rect.height} pt)")
     scale = render_scale(rect.width, rect.height, target_longest_side, dpi, max_pixels)
     display = page.get_displaylist()
-    pix = display.get_pixmap(matrix=pymupdf.Matrix(scale, scale), colorspace=pymupdf.csRGB, alpha=False)
-    if pix.n != 3 or pix.width <= 0 or pix.height <= 0:
-        raise ValueError(f"page {page.number + 1} rendered to {pix.width}x{pix.height}x{pix.n}, not RGB")
-    pixels = np.ascontiguousarray(np.asarray(_PixmapPixels(pix)))  # a copy only if rows are padded
+    pixels = _render(display, scale)
     text = None
     if with_text:
         text = pymupdf.TextPage(display.get_textpage(pymupdf.TEXTFLAGS_TEXT)).extractText()

@@ -146,38 +146,93 @@ class SharedSlots:
     arrays are copied into the next slot and only their place crosses the socket (plus the slot's
     descriptor when the slot is new or had to grow). The receiver copies them out before it acknowledges
     the row, and the sender never runs more than ROWS_AHEAD rows ahead, so with ROWS_AHEAD + 1 slots a slot
-    is never written while the receiver still reads it."""
+    is never written while the receiver still reads it.
+
+    A decoder may also make its output right in the next slot (`allocate`, through `output_array`): then
+    sending it copies nothing at all."""
 
     def __init__(self, count: int = ROWS_AHEAD + 1):
-        self.slots: list[tuple[int, mmap.mmap] | None] = [None] * count
+        self.slots: list[tuple[int, mmap.mmap, bool] | None] = [None] * count  # fd, memory, peer has it
         self.turn = 0
+        self.pending: np.ndarray | None = None  # the array `allocate` handed out for the next message
+
+    def _memory(self, index: int, nbytes: int) -> mmap.mmap:
+        """Slot `index`, replaced by a bigger one if it holds less than `nbytes`."""
+        slot = self.slots[index]
+        if slot is None or len(slot[1]) < nbytes:
+            if slot is not None:
+                os.close(slot[0])  # the old mapping goes when the last array over it does
+            fd = os.memfd_create("vlbatch-rows", os.MFD_CLOEXEC)
+            size = max(1, -(-nbytes // _SLOT_GRAIN)) * _SLOT_GRAIN
+            os.ftruncate(fd, size)
+            self.slots[index] = slot = (fd, mmap.mmap(fd, size), False)
+        return slot[1]
+
+    def allocate(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        """An uninitialised array at the start of the slot the next message will use."""
+        dtype = np.dtype(dtype)
+        count = math.prod(shape)
+        if count * dtype.itemsize < SHARED_MIN_BYTES:
+            return np.empty(shape, dtype=dtype)
+        memory = self._memory(self.turn, count * dtype.itemsize)
+        self.pending = np.frombuffer(memory, dtype, count, 0).reshape(shape)
+        return self.pending
 
     def place(self, arrays: list[np.ndarray]) -> tuple[int, list[int], int | None]:
-        """Copy `arrays` into the next slot: (slot index, byte offsets, descriptor to send or None)."""
-        offsets, total = [], 0
-        for array in arrays:
-            offsets.append(total)
-            total += -(-array.nbytes // 64) * 64  # each array starts 64-byte aligned
+        """Put `arrays` in the next slot: (slot index, byte offsets, descriptor to send or None)."""
+        pending, self.pending = self.pending, None
         index, self.turn = self.turn, (self.turn + 1) % len(self.slots)
-        slot, new_fd = self.slots[index], None
-        if slot is None or len(slot[1]) < total:
-            if slot is not None:
-                slot[1].close()
-                os.close(slot[0])
-                self.slots[index] = None
-            new_fd = os.memfd_create("vlbatch-rows", os.MFD_CLOEXEC)
-            size = -(-total // _SLOT_GRAIN) * _SLOT_GRAIN
-            os.ftruncate(new_fd, size)
-            self.slots[index] = slot = (new_fd, mmap.mmap(new_fd, size))
-        for array, offset in zip(arrays, offsets, strict=True):
-            np.copyto(np.frombuffer(slot[1], array.dtype, array.size, offset).reshape(array.shape), array)
-        return index, offsets, new_fd
+        made_here = [
+            pending is not None and _data_address(a) == _data_address(pending) and a.nbytes == pending.nbytes
+            for a in arrays
+        ]
+        offsets, total = _layout(arrays, made_here)
+        if any(made_here) and total > len(self.slots[index][1]):  # the slot must grow: copy everything
+            made_here = [False] * len(arrays)
+            offsets, total = _layout(arrays, made_here)
+        memory = self._memory(index, total)
+        for array, offset, done in zip(arrays, offsets, made_here, strict=True):
+            if not done:
+                np.copyto(np.frombuffer(memory, array.dtype, array.size, offset).reshape(array.shape), array)
+        fd, memory, known = self.slots[index]
+        self.slots[index] = (fd, memory, True)
+        return index, offsets, None if known else fd
 
     def close(self) -> None:
         for slot in filter(None, self.slots):
-            slot[1].close()
             os.close(slot[0])
         self.slots = [None] * len(self.slots)
+        self.pending = None
+
+
+def _data_address(array: np.ndarray) -> int:
+    return array.__array_interface__["data"][0]
+
+
+def _layout(arrays: list[np.ndarray], made_here: list[bool]) -> tuple[list[int], int]:
+    """Byte offsets of the arrays in a slot and the bytes they take: an array made in the slot stays at 0,
+    the others follow, each 64-byte aligned."""
+    offsets, total = [0] * len(arrays), 0
+    for array, here in zip(arrays, made_here, strict=True):
+        if here:
+            total = max(total, array.nbytes)
+    for k, array in enumerate(arrays):
+        if not made_here[k]:
+            offsets[k] = total = -(-total // 64) * 64
+            total += array.nbytes
+    return offsets, total
+
+
+_CHILD_SLOTS: SharedSlots | None = None  # set in the decode child
+
+
+def output_array(shape: tuple[int, ...], dtype: Any = np.uint8) -> np.ndarray:
+    """A new array for a decoder to fill with a row's pixels. In the decode child it lies in the shared
+    memory the row will travel in, so sending it costs no copy; yield it in the decoder's next row, or
+    drop it (the next call reuses the memory)."""
+    if _CHILD_SLOTS is None:
+        return np.empty(shape, dtype=dtype)
+    return _CHILD_SLOTS.allocate(shape, dtype)
 
 
 class SlotMaps:
@@ -525,7 +580,8 @@ def child_main(fd: int, parent_pid: int) -> None:
         send_message(conn, {"kind": "fatal", "message": f"{type(e).__name__}: {e}"})
         return
     send_message(conn, {"kind": "ready"})
-    slots = SharedSlots() if hasattr(os, "memfd_create") else None  # else big arrays go inline
+    global _CHILD_SLOTS
+    slots = _CHILD_SLOTS = SharedSlots() if hasattr(os, "memfd_create") else None  # else arrays go inline
     while True:
         try:
             request = recv_message(conn)

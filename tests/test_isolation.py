@@ -181,6 +181,38 @@ def test_big_arrays_go_through_reused_shared_slots_and_come_out_as_copies():
         receiver.close()
 
 
+def test_an_array_made_in_the_next_slot_is_sent_without_a_copy():
+    from multiprocessing import Pipe
+
+    placed = SharedSlots(count=2)
+    for k in range(4):
+        page = placed.allocate((512, 256, 3), np.uint8)  # what a decoder renders into
+        page[...] = k
+        index, offsets, _ = placed.place([page])
+        assert offsets == [0] and index == k % 2
+        assert placed.slots[index][1][: page.nbytes] == page.tobytes()  # it was there already
+    placed.close()
+    a, b = Pipe()
+    sender, receiver = SharedSlots(count=2), SlotMaps()
+    try:
+        # Made in the slot, then sent with another big array that makes the slot grow: both still arrive.
+        page = sender.allocate((512, 256, 3), np.uint8)
+        page[...] = 7
+        extra = np.full(2 << 20, 9, np.uint8)
+        send_message(a, {"image": page, "extra": extra}, sender)
+        got = recv_message(b, 5, receiver)
+        assert (got["image"] == 7).all() and got["image"].shape == (512, 256, 3) and (got["extra"] == 9).all()
+        # An allocation the decoder dropped (a page that failed) is simply written over by the next row.
+        sender.allocate((512, 256, 3), np.uint8)[...] = 1
+        other = np.full((512, 256, 3), 5, np.uint8)
+        send_message(a, {"image": other}, sender)
+        assert (recv_message(b, 5, receiver)["image"] == 5).all()
+        assert sender.allocate((2, 2), np.uint8).base is None  # small: an ordinary array, sent inline
+    finally:
+        sender.close()
+        receiver.close()
+
+
 def test_rows_come_back_as_the_decoder_made_them_and_the_child_is_reused():
     dec = decoder(pages=3, nbytes=5)
     try:
