@@ -9,6 +9,7 @@ from torch import nn
 from model.attention import AttentionContext
 from model.config import Qwen2VLConfig
 from model.rope import MRotary, apply_rotary
+from model.scratch import map_rows
 
 
 class RMSNorm(nn.Module):
@@ -34,7 +35,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return map_rows(self._forward, x, self.gate_proj.out_features)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = F.silu(self.gate_proj(x), inplace=True)  # in place: one (rows, intermediate) buffer fewer
+        return self.down_proj(gate.mul_(self.up_proj(x)))
 
 
 class Attention(nn.Module):

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from model.scratch import Scratch
+
 try:  # optional: only on CUDA machines that have the package
     from flash_attn import flash_attn_varlen_func
 except ImportError:  # pragma: no cover - depends on the machine
@@ -50,9 +52,11 @@ class PagedAttention:
         q_lens: list[int],
         block_tables: list[list[int]],
         backend: str = "sdpa",
+        scratch: Scratch | None = None,
     ):
         self.k_cache, self.v_cache = k_cache, v_cache  # (layers, blocks, block_size, kv_heads, head_dim)
         self.backend = backend
+        self.scratch = scratch or Scratch(k_cache.device)
         device = k_cache.device
         bs = k_cache.shape[2]
         self.block_size = bs
@@ -71,8 +75,9 @@ class PagedAttention:
             self.num_decode += 1
         if self.num_decode:
             dec_tables = block_tables[: self.num_decode]
-            self.dec_blocks = _pad_tables(dec_tables, device, torch.long)
-            width = self.dec_blocks.shape[1] * bs
+            tables = _pad_tables(dec_tables, device, torch.long)
+            width = tables.shape[1] * bs
+            self.dec_blocks = tables.flatten()  # one index_select per layer gathers them all
             lens = torch.tensor(ctx_lens[: self.num_decode], device=device)
             self.dec_mask = (torch.arange(width, device=device)[None, :] < lens[:, None])[:, None, None, :]
         self.prefills: list[_Prefill] = []
@@ -125,8 +130,14 @@ class PagedAttention:
         """One query token per sequence against its cached K/V, all sequences in one SDPA call."""
         batch, heads, dim = q.shape
         kv_heads = kc.shape[2]
-        keys = kc[self.dec_blocks].flatten(1, 2).transpose(1, 2)  # (batch, kv_heads, width, dim)
-        values = vc[self.dec_blocks].flatten(1, 2).transpose(1, 2)
+        # Gathered into buffers every layer and step reuses: fresh ones would be faulted in each time.
+        shape = (len(self.dec_blocks), *kc.shape[1:])
+        keys, values = (
+            torch.index_select(cache, 0, self.dec_blocks, out=self.scratch.get(name, shape, cache.dtype))
+            .view(batch, -1, kv_heads, dim)
+            .transpose(1, 2)  # (batch, kv_heads, width, dim)
+            for name, cache in (("keys", kc), ("values", vc))
+        )
         # The query heads sharing a kv head become that head's query rows: no copy of K/V per query head.
         grouped = q.view(batch, kv_heads, heads // kv_heads, dim)
         out = F.scaled_dot_product_attention(

@@ -123,4 +123,5 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (n, heads, head_dim) by per-token cos/sin (n, head_dim)."""
     cos, sin = cos[:, None, :], sin[:, None, :]
-    return x * cos + rotate_half(x) * sin
+    # x * cos + rotate_half(x) * sin, the same operations in the same order, two temporaries fewer.
+    return (x * cos).add_(rotate_half(x).mul_(sin))

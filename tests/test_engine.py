@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from model import Qwen2VL, generate
+from model import Qwen2VL, generate, model_runner, scratch
 from model.engine import Engine, EngineConfig, Request
 from model.kv_cache import BlockManager
 from model.model_runner import plan_vision_calls, split_vision_item
@@ -122,6 +122,26 @@ def setup(tiny_checkpoint):
     model = Qwen2VL.from_pretrained(tiny_checkpoint)
     processor = Processor.from_pretrained(tiny_checkpoint)
     return model, processor
+
+
+def test_cpu_buffer_paths_change_no_value(setup, monkeypatch):
+    """Row-chunked MLPs and the LM head's vocab slices (model/scratch.py, ModelRunner.logits) give exactly
+    the numbers of one whole matmul."""
+    model, _ = setup
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, model.config.hidden_size, generator=gen)
+    patches = torch.randn(300, model.config.vision.embed_dim, generator=gen)
+    mlp, vision_mlp = model.model.layers[0].mlp, model.visual.blocks[0].mlp
+    runner = Engine(model, EngineConfig(num_kv_blocks=4)).runner
+    with torch.inference_mode():
+        whole = mlp(x), vision_mlp(patches)
+        # 7 rows' worth: chunks of 4 rows then (a tail of 7 rows would round differently)
+        monkeypatch.setattr(scratch, "CHUNK_BYTES", 7 * 4 * max(mlp.gate_proj.out_features, 128))
+        assert torch.equal(mlp(x), whole[0])
+        assert torch.equal(vision_mlp(patches), whole[1])
+        monkeypatch.setattr(model_runner, "LM_HEAD_SLICE", 1024)  # the vocab ends in a shorter slice
+        for rows in (x[:32], x[40:52], x[60:65]):  # the slices, the buffer reused for fewer, the plain head
+            assert torch.equal(runner.logits(rows), model.logits(rows))
 
 
 def mixed_messages() -> list[list[dict]]:
