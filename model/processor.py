@@ -268,12 +268,15 @@ def resize_frames(frames: Any, height: int, width: int) -> np.ndarray:
     return out
 
 
-def resize_video_frames(frames: np.ndarray | torch.Tensor, height: int, width: int) -> np.ndarray:
+def resize_video_frames(
+    frames: np.ndarray | torch.Tensor, height: int, width: int, out: np.ndarray | None = None
+) -> np.ndarray:
     """uint8 frames [T, H, W, 3] -> [T, height, width, 3], antialiased bicubic, all frames in one call.
 
     The same arithmetic as torchvision's tensor resize of uint8 frames on CPU, which is what transformers'
     Qwen2VLVideoProcessor runs: torch's separable bicubic (a = -0.5, PIL's filter) in fixed-point uint8, not
-    float. Frames already of that size come back as they are, as torchvision returns them.
+    float. Frames already of that size come back as they are, as torchvision returns them. With `out` (a
+    C-contiguous uint8 [T, height, width, 3] array) the frames are written there and `out` is returned.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only arrays (from PIL): only read here
@@ -283,14 +286,33 @@ def resize_video_frames(frames: np.ndarray | torch.Tensor, height: int, width: i
             f"video frames must be uint8 [T, H, W, 3] RGB, got {x.dtype} {tuple(x.shape)}; "
             "decode to rgb24 and stack the frames"
         )
+    if out is not None and (out.shape != (x.shape[0], height, width, 3) or not out.flags.c_contiguous):
+        raise ValueError(
+            f"out must be C-contiguous of shape {(x.shape[0], height, width, 3)}, not {out.shape}"
+        )
     if tuple(x.shape[1:3]) == (height, width):
-        return x.numpy()
+        if out is None:
+            return x.numpy()
+        np.copyto(out, x.numpy())
+        return out
     # [T, H, W, C] seen as [T, C, H, W] is channels-last, the layout torch's fast uint8 kernel works in, and
     # its output comes back channels-last too: [T, h, w, C] again, without a copy.
+    source = x.permute(0, 3, 1, 2)
+    if out is not None:
+        target = torch.from_numpy(out).permute(0, 3, 1, 2)
+        try:  # the kernel interpolate calls, writing straight into `out` (channels-last as it wants)
+            torch._C._nn._upsample_bicubic2d_aa(source, [height, width], False, None, None, out=target)
+            if target.data_ptr() == out.ctypes.data:
+                return out
+        except (AttributeError, TypeError, RuntimeError):
+            pass  # another torch: the public call and one copy
     y = torch.nn.functional.interpolate(
-        x.permute(0, 3, 1, 2), size=(height, width), mode="bicubic", align_corners=False, antialias=True
+        source, size=(height, width), mode="bicubic", align_corners=False, antialias=True
     )
-    return np.ascontiguousarray(y.permute(0, 2, 3, 1).numpy())
+    if out is None:
+        return np.ascontiguousarray(y.permute(0, 2, 3, 1).numpy())
+    np.copyto(out, y.permute(0, 2, 3, 1).numpy())
+    return out
 
 
 @dataclass

@@ -22,6 +22,7 @@ import av
 import numpy as np
 
 from model.processor import FRAME_FACTOR, resize_video_frames, sample_frame_indices, video_frame_size
+from pipeline.isolation import output_array
 from pipeline.media import DecodeError, error_row, local_file
 from schemas.jobs import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, VIDEO_TOTAL_PIXELS, CaptionVideosJob
 
@@ -284,15 +285,16 @@ def _decord_windows(path: str, windows: list[Window], info: VideoInfo, cfg: Vide
     batch_frames = max(1, DECODE_BATCH_BYTES // (info.width * info.height * 3))
     for window in windows:
         indices = list(window.frame_indices)
-        parts = []
+        # Resized straight into the row's array (in the decode child, the shared memory it travels in).
+        frames = output_array((len(indices), window.height, window.width, 3), np.uint8)
         for at in range(0, len(indices), batch_frames):
             try:
                 # DLPack hands decord's buffer to torch as it is: no copy at source resolution.
                 batch = from_dlpack(reader.get_batch(indices[at : at + batch_frames]).to_dlpack())
             except Exception as e:
                 raise _DecordFailed(str(e)) from e
-            parts.append(resize_video_frames(batch, window.height, window.width))
-        yield window, parts[0] if len(parts) == 1 else np.concatenate(parts), indices
+            resize_video_frames(batch, window.height, window.width, out=frames[at : at + len(batch)])
+        yield window, frames, indices
 
 
 def _decoded_frames(container: av.container.InputContainer, stream: av.VideoStream, uri: str):
@@ -356,12 +358,10 @@ def _pyav_windows(
                 _, w, slot = targets[t]
                 window = windows[w]
                 if slot == 0:
-                    frames = np.empty(
-                        (len(window.frame_indices), window.height, window.width, 3), dtype=np.uint8
-                    )
+                    frames = output_array((len(window.frame_indices), window.height, window.width, 3))
                     used = []
                 assert frames is not None
-                frames[slot] = resize_video_frames(pixels[None], window.height, window.width)[0]
+                resize_video_frames(pixels[None], window.height, window.width, out=frames[slot : slot + 1])
                 used.append(index)
                 t += 1
                 if slot == len(window.frame_indices) - 1:

@@ -355,6 +355,15 @@ def test_video_resize_matches_transformers_video_processor_on_cpu(shape, size):
     assert np.array_equal(resize_video_frames(torch.from_numpy(video), *size), expected)
     video.flags.writeable = False
     assert np.array_equal(resize_video_frames(video, *size), expected)
+    # Into a given array (a decode child's shared memory), whole or a slice of frames at a time.
+    out = np.zeros((shape[0], *size, 3), np.uint8)
+    assert resize_video_frames(video, *size, out=out) is out and np.array_equal(out, expected)
+    out[...] = 0
+    for i in range(shape[0]):
+        resize_video_frames(video[i : i + 1], *size, out=out[i : i + 1])
+    assert np.array_equal(out, expected)
+    with pytest.raises(ValueError, match="out must be"):
+        resize_video_frames(video, *size, out=np.zeros((shape[0], size[0] + 1, size[1], 3), np.uint8))
 
 
 @pytest.mark.parametrize("shape,size", RESIZES[:5])

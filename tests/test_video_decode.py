@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import av
 import numpy as np
 import pytest
@@ -116,6 +118,27 @@ def test_frames_are_the_library_frames_resized_once(videos, monkeypatch, codec, 
         assert row["frames"].shape[0] > 3 and size != (64, 96)  # several batches, and a real resize
         expected = resize_video_frames(np.stack([source[i] for i in row["frame_indices"]]), *size)
         assert np.array_equal(row["frames"], expected) and np.array_equal(whole["frames"], expected)
+
+
+@pytest.mark.parametrize("codec,suffix", [("h264", "mp4"), ("mpeg4", "avi")])
+def test_windows_through_the_decode_child_are_the_same_frames(videos, codec, suffix):
+    """In a job the frames are resized straight into the shared memory they travel in (decord and PyAV
+    paths alike): what arrives is what an in-process decode gives, frame for frame."""
+    from pipeline.isolation import SHARED_MIN_BYTES, IsolatedDecoder
+
+    path = videos[codec, suffix]
+    here = list(decode_video(path, CFG))
+    assert here[0]["frames"].nbytes >= SHARED_MIN_BYTES  # big enough to take the shared-memory path
+    decoder = IsolatedDecoder(functools.partial(DecodeVideo, CFG), timeout_s=60)
+    try:
+        for _ in range(2):  # the second item reuses the slots the first one filled
+            there = list(decoder({"uri": path, "item_id": "v"}))
+            assert_exact(there)
+            assert [r["window_index"] for r in there] == [r["window_index"] for r in here]
+            for got, want in zip(there, here, strict=True):
+                assert np.array_equal(got["frames"], want["frames"])
+    finally:
+        decoder.close()
 
 
 def test_index_pattern_catches_decord_misreads(videos):
