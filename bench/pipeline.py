@@ -4,8 +4,8 @@ an end-to-end local job with the tiny random checkpoint.
     python bench/pipeline.py [--repeats 5] [--no-e2e] [--root DIR]
 
 Each measurement runs over the same generated files: h264 videos at 640x360 and 1280x720, and PDFs whose
-pages hold text and a picture. The variants run interleaved, `--repeats` times, and the median counts, so
-load from other work hits them alike. Rows per media kind:
+pages hold text and a picture. The variants take turns item by item for `--repeats` rounds and the
+median round counts, so load from other work hits them alike. Rows per media kind:
 
 - raw: the library alone. Video: decord's get_batch of exactly the frames the stage samples, as numpy.
   decord runs with the stage's thread count (one per CPU of a decode actor). Documents: PyMuPDF rendering
@@ -111,30 +111,46 @@ def children_cpu_seconds() -> float:
     return total
 
 
-def interleaved(variants: dict[str, Callable[[], None]], repeats: int) -> dict[str, tuple[float, float]]:
-    """Median (wall seconds, CPU seconds) of each variant; each round runs all of them, starting each time
-    from another one. CPU time counts every thread and the decode child, and is what load from other work
-    disturbs least; wall time is what a user sees."""
+def interleaved(
+    variants: dict[str, Callable[[Item], None]], items: list[Item], repeats: int
+) -> dict[str, tuple[float, float]]:
+    """Median over `repeats` rounds of each variant's (wall seconds, CPU seconds) for all items. Within a
+    round the variants take turns item by item, each item starting from another variant, so a burst of
+    load from elsewhere on this shared VM hits them all alike instead of whichever ran during it. CPU
+    time counts every thread and the decode child; wall time is what a user sees."""
     names = list(variants)
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            children = children_cpu_seconds()  # read outside the timed span: scanning /proc costs too
-            cpu, wall = time.process_time(), time.perf_counter()
-            variants[name]()
-            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-            times[name].append((wall, cpu + children_cpu_seconds() - children))
+    turn = 0
+    for _ in range(repeats):
+        spent = {name: [0.0, 0.0] for name in names}
+        for item in items:
+            turn += 1
+            for name in names[turn % len(names) :] + names[: turn % len(names)]:
+                children = children_cpu_seconds()  # read outside the timed span: scanning /proc costs too
+                cpu, wall = time.process_time(), time.perf_counter()
+                variants[name](item)
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                spent[name][0] += wall
+                spent[name][1] += cpu + children_cpu_seconds() - children
+        for name in names:
+            times[name].append(tuple(spent[name]))
     return {name: tuple(statistics.median(x) for x in zip(*t)) for name, t in times.items()}
 
 
-def stage_rows(stage: DecodeUnits, items: list[Item]) -> int:
-    """Rows the stage makes of `items`, each checked and dropped as it comes, as the next stage would."""
+def stage_rows(stage: DecodeUnits, item: Item) -> int:
+    """Rows the stage makes of `item`, each checked and dropped as it comes, as the next stage would."""
     count = 0
-    for it in items:
-        for table in stage(pa.Table.from_pylist([it.__dict__])):
-            assert table.column("status")[0].as_py() == "ok", table.column("error_message")[0].as_py()
-            count += 1
+    for table in stage(pa.Table.from_pylist([item.__dict__])):
+        assert table.column("status")[0].as_py() == "ok", table.column("error_message")[0].as_py()
+        count += 1
     return count
+
+
+def decoder_rows(decoder: Callable, item: Item) -> None:
+    """Our decoder in this process; rows are checked and dropped one at a time, as the stage does (holding
+    them all would cost page faults)."""
+    for row in decoder({"uri": item.uri, "item_id": item.item_id}):
+        assert row["status"] == "ok", row
 
 
 def bench_video(job, items: list[Item], repeats: int) -> dict:
@@ -146,24 +162,20 @@ def bench_video(job, items: list[Item], repeats: int) -> dict:
     decoder = DecodeVideo(cfg)
     stage = DecodeUnits(make_decoder(job), CaptionRecord, "bench")
 
-    def raw(resize: bool) -> None:
-        for uri, planned in windows.items():
-            reader = decord.VideoReader(uri, ctx=decord.cpu(0), num_threads=cfg.threads)  # as the stage
-            for w in planned:
-                batch = reader.get_batch(list(w.frame_indices)).asnumpy()
-                if resize:
-                    resize_video_frames(batch, w.height, w.width)
+    def raw(item: Item, resize: bool) -> None:
+        reader = decord.VideoReader(item.uri, ctx=decord.cpu(0), num_threads=cfg.threads)  # as the stage
+        for w in windows[item.uri]:
+            batch = reader.get_batch(list(w.frame_indices)).asnumpy()
+            if resize:
+                resize_video_frames(batch, w.height, w.width)
 
-    def ours():  # rows are consumed one at a time, as the stage does: holding them all costs page faults
-        for it in items:
-            for row in decoder({"uri": it.uri, "item_id": it.item_id}):
-                assert row["status"] == "ok", row
-
-    def in_job():
-        stage_rows(stage, items)
-
-    variants = {"raw": lambda: raw(False), "raw+same": lambda: raw(True), "decoder": ours, "stage": in_job}
-    return {"units": frames, **interleaved(variants, repeats)}
+    variants = {
+        "raw": lambda it: raw(it, False),
+        "raw+same": lambda it: raw(it, True),
+        "decoder": lambda it: decoder_rows(decoder, it),
+        "stage": lambda it: stage_rows(stage, it),
+    }
+    return {"units": frames, **interleaved(variants, items, repeats)}
 
 
 def bench_documents(job, items: list[Item], repeats: int) -> dict:
@@ -177,27 +189,23 @@ def bench_documents(job, items: list[Item], repeats: int) -> dict:
         with pymupdf.open(it.uri) as doc:
             pages += doc.page_count
 
-    def raw(text: bool) -> None:
-        for it in items:
-            with pymupdf.open(it.uri) as doc:
-                for page in doc:
-                    r = page.rect
-                    s = render_scale(r.width, r.height, cfg.target_longest_side, cfg.dpi, cfg.max_pixels)
-                    pix = page.get_pixmap(matrix=pymupdf.Matrix(s, s), colorspace=pymupdf.csRGB, alpha=False)
-                    np.frombuffer(pix.samples_mv, dtype=np.uint8)  # the samples as an array, not copied
-                    if text:
-                        page.get_text("text")
+    def raw(item: Item, text: bool) -> None:
+        with pymupdf.open(item.uri) as doc:
+            for page in doc:
+                r = page.rect
+                s = render_scale(r.width, r.height, cfg.target_longest_side, cfg.dpi, cfg.max_pixels)
+                pix = page.get_pixmap(matrix=pymupdf.Matrix(s, s), colorspace=pymupdf.csRGB, alpha=False)
+                np.frombuffer(pix.samples_mv, dtype=np.uint8)  # the samples as an array, not copied
+                if text:
+                    page.get_text("text")
 
-    def ours():  # rows are consumed one at a time, as the stage does: holding them all costs page faults
-        for it in items:
-            for row in decoder({"uri": it.uri, "item_id": it.item_id}):
-                assert row["status"] == "ok", row
-
-    def in_job():
-        assert stage_rows(stage, items) == pages
-
-    variants = {"raw": lambda: raw(False), "raw+same": lambda: raw(True), "decoder": ours, "stage": in_job}
-    return {"units": pages, **interleaved(variants, repeats)}
+    variants = {
+        "raw": lambda it: raw(it, False),
+        "raw+same": lambda it: raw(it, True),
+        "decoder": lambda it: decoder_rows(decoder, it),
+        "stage": lambda it: stage_rows(stage, it),
+    }
+    return {"units": pages, **interleaved(variants, items, repeats)}
 
 
 def report(title: str, unit: str, r: dict, same: str) -> None:
