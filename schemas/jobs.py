@@ -63,7 +63,7 @@ class Resources(Strict):
     """How many workers of each kind the job asks Ray for."""
 
     decode_workers: int = Field(2, ge=1)
-    cpus_per_decode_worker: float = Field(1.0, gt=0.0)
+    cpus_per_decode_worker: float = Field(1.0, gt=0.0)  # also the video decoder's threads (rounded up)
     gpu_workers: int = Field(1, ge=1)
     gpus_per_worker: float = Field(1.0, ge=0.0)  # 0 on CPU-only machines
     # Visual + prompt tokens of the rows sent to a GPU worker at once.
