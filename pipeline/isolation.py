@@ -66,6 +66,10 @@ _ARRAY = "\x00ndarray"  # marks where an array (or bytes) sat in a row; real row
 _BYTES = "\x00bytes"
 _SHARED = "\x00shared"  # an array in the sender's shared memory: [dtype, shape, slot, offset]
 SHARED_MIN_BYTES = 64 << 10  # below this, the socket's copies cost less than the slot's
+# Above this a message goes through the socket: slots never shrink, and ROWS_AHEAD + 1 of them stay mapped
+# in both processes; a bigger row (a long window of large frames) takes long enough to decode that the
+# socket's copies hardly count.
+SHARED_MAX_BYTES = 64 << 20
 _SLOT_GRAIN = 1 << 20  # slots grow in whole MiB
 _ANCILLARY_SIZE = socket.CMSG_SPACE(4 * int_array("i").itemsize)  # room to see if more than one came
 _PR_SET_PDEATHSIG = 1
@@ -172,7 +176,7 @@ class SharedSlots:
         """An uninitialised array at the start of the slot the next message will use."""
         dtype = np.dtype(dtype)
         count = math.prod(shape)
-        if count * dtype.itemsize < SHARED_MIN_BYTES:
+        if not SHARED_MIN_BYTES <= count * dtype.itemsize <= SHARED_MAX_BYTES:
             return np.empty(shape, dtype=dtype)
         memory = self._memory(self.turn, count * dtype.itemsize)
         self.pending = np.frombuffer(memory, dtype, count, 0).reshape(shape)
@@ -267,17 +271,25 @@ class _Parts:
     """What `_flatten` takes out of a message: arrays to send inline and arrays to send through shared
     memory (their markers get the slot and offset once the slot is known)."""
 
-    def __init__(self, shared_ok: bool):
+    def __init__(self, slots: SharedSlots | None):
         self.inline: list[np.ndarray] = []
         self.shared: list[np.ndarray] = []
         self.shared_markers: list[list[Any]] = []
-        self.shared_ok = shared_ok
+        self.slots = slots
+        self.shared_bytes = 0
 
     def add_array(self, value: np.ndarray) -> dict[str, Any]:
         spec = [value.dtype.str, list(value.shape)]
-        if self.shared_ok and value.nbytes >= SHARED_MIN_BYTES:
+        pending = self.slots.pending if self.slots is not None else None
+        # An array made in the slot must go shared: the slot is written before the socket is.
+        made_in_slot = (
+            pending is not None and value.nbytes > 0 and _data_address(value) == _data_address(pending)
+        )
+        fits = SHARED_MIN_BYTES <= value.nbytes and self.shared_bytes + value.nbytes <= SHARED_MAX_BYTES
+        if self.slots is not None and (made_in_slot or fits):
             self.shared.append(value)
             self.shared_markers.append(spec)
+            self.shared_bytes += value.nbytes
             return {_SHARED: spec}
         self.inline.append(np.ascontiguousarray(value))
         return {_ARRAY: spec}
@@ -429,9 +441,10 @@ def _read_first_bytes(fd: int, view: memoryview, poller: select.poll | None, tim
 
 def send_message(conn: Connection, message: dict[str, Any], slots: SharedSlots | None = None) -> None:
     """One message: its JSON header, then each inline array's bytes framed as a message of its own, all
-    written from where they lie (one writev). With `slots`, arrays of SHARED_MIN_BYTES or more are copied
-    into shared memory instead and only their place crosses the socket."""
-    parts = _Parts(shared_ok=slots is not None)
+    written from where they lie (one writev). With `slots`, arrays of SHARED_MIN_BYTES or more (up to
+    SHARED_MAX_BYTES a message) are copied into shared memory instead and only their place crosses the
+    socket."""
+    parts = _Parts(slots)
     flat = _flatten(message, parts)
     new_fd = None
     if parts.shared:

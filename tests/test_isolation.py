@@ -213,6 +213,35 @@ def test_an_array_made_in_the_next_slot_is_sent_without_a_copy():
         receiver.close()
 
 
+def test_messages_over_the_shared_cap_go_through_the_socket(monkeypatch):
+    """Slots never shrink: a huge row must not leave huge slots mapped. Above SHARED_MAX_BYTES a message's
+    arrays go inline, except one made in the slot (already written there, so it must go shared)."""
+    from multiprocessing import Pipe
+
+    import pipeline.isolation as isolation
+
+    kib = 1 << 10  # small sizes: inline bytes must fit the socket buffer, as nothing reads meanwhile
+    monkeypatch.setattr(isolation, "SHARED_MIN_BYTES", kib)
+    monkeypatch.setattr(isolation, "SHARED_MAX_BYTES", 3 * kib)
+    a, b = Pipe()
+    sender, receiver = SharedSlots(), SlotMaps()
+    try:
+        assert sender.allocate((4 * kib,), np.uint8).base is None  # over the cap: not in a slot
+        big = np.full(4 * kib, 3, np.uint8)
+        send_message(a, {"image": big}, sender)
+        assert (recv_message(b, 5, receiver)["image"] == 3).all() and not receiver.maps  # through the socket
+        page = sender.allocate((2 * kib,), np.uint8)
+        page[...] = 4
+        extra = np.full(2 * kib, 5, np.uint8)  # with the page it would pass the cap: inline
+        send_message(a, {"image": page, "extra": extra}, sender)
+        got = recv_message(b, 5, receiver)
+        assert (got["image"] == 4).all() and (got["extra"] == 5).all()
+        assert list(receiver.maps) == [0]  # only the page's slot
+    finally:
+        sender.close()
+        receiver.close()
+
+
 def test_rows_come_back_as_the_decoder_made_them_and_the_child_is_reused():
     dec = decoder(pages=3, nbytes=5)
     try:
