@@ -1,0 +1,50 @@
+"""The benchmark scripts still run end to end (tiny sizes; their figures are for people, not for tests)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(*args: str, timeout: float = 600) -> str:
+    done = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done.stdout
+
+
+def test_gpu_engine_bench_runs_its_cpu_smoke_and_agrees_with_transformers():
+    out = run_script("bench/gpu_engine.py", "--smoke")
+    assert "(8/8 identical)" in out and "ratio (engine / best transformers batch" in out
+
+
+def test_pipeline_bench_measures_every_variant(tmp_path):
+    out = run_script(
+        "bench/pipeline.py",
+        "--no-e2e",
+        "--repeats",
+        "1",
+        "--videos",
+        "1",
+        "--seconds",
+        "3",
+        "--pdfs",
+        "1",
+        "--pages",
+        "2",
+        "--root",
+        str(tmp_path),
+    )
+    for line in (
+        "raw library",
+        "raw + text layer",
+        "raw + resize",
+        "decoder, in process",
+        "decode stage of a job",
+    ):
+        assert line in out
+    assert out.count("ratio to raw") == 6  # decoder and stage, for documents and both video sizes
