@@ -251,14 +251,14 @@ class SlotMaps:
             old.close()
         self.maps[index] = mmap.mmap(fd, os.fstat(fd).st_size, prot=mmap.PROT_READ)
 
-    def copy_out(self, spec: list[Any]) -> np.ndarray:
-        dtype, shape, index, offset = np.dtype(spec[0]), tuple(spec[1]), spec[2], spec[3]
-        memory = self.maps.get(index)
-        size = math.prod(shape) * dtype.itemsize
-        if memory is None or not 0 <= offset <= len(memory) - size:
+    def copy_out(self, marker: list[Any]) -> np.ndarray:
+        """A new array holding the shared array a marker [dtype, shape, slot, offset] names."""
+        dtype, shape, index, offset = np.dtype(marker[0]), tuple(marker[1]), marker[2], marker[3]
+        memory, count = self.maps.get(index), math.prod(shape)
+        if memory is None or not 0 <= offset <= len(memory) - count * dtype.itemsize:
             raise EOFError("a shared array lies outside the shared memory the sender gave")
         out = np.empty(shape, dtype=dtype)
-        np.copyto(out, np.frombuffer(memory, dtype, math.prod(shape), offset).reshape(shape))
+        np.copyto(out, np.frombuffer(memory, dtype, count, offset).reshape(shape))
         return out
 
     def close(self) -> None:
@@ -320,36 +320,37 @@ def _flatten(value: Any, parts: _Parts) -> Any:
     raise TypeError(f"a {type(value).__name__} cannot cross the decode process boundary; use JSON types")
 
 
-def _unflatten(value: Any, inline: Iterator[np.ndarray], slots: SlotMaps | None) -> Any:
+def _unflatten(value: Any, inline: Iterator[np.ndarray], shared: Iterator[np.ndarray]) -> Any:
     if isinstance(value, dict):
         if _ARRAY in value:
             return next(inline)
         if _SHARED in value:
-            if slots is None:
-                raise EOFError("a shared array arrived on a connection that takes none")
-            return slots.copy_out(value[_SHARED])
+            return next(shared)
         if _BYTES in value:
             return next(inline).tobytes()
-        return {key: _unflatten(item, inline, slots) for key, item in value.items()}
+        return {key: _unflatten(item, inline, shared) for key, item in value.items()}
     if isinstance(value, list):
-        return [_unflatten(item, inline, slots) for item in value]
+        return [_unflatten(item, inline, shared) for item in value]
     return value
 
 
-def _inline_specs(value: Any, out: list[tuple[np.dtype, tuple[int, ...]]]) -> None:
-    """dtype and shape of each inline array in `value`, in the order `_flatten` met them."""
+def _array_specs(value: Any, inline: list[tuple[np.dtype, tuple[int, ...]]], shared: list[list[Any]]) -> None:
+    """dtype and shape of each inline array in `value`, and the marker of each shared one, in the order
+    `_flatten` met them."""
     if isinstance(value, dict):
         if _ARRAY in value:
             dtype, shape = value[_ARRAY]
-            out.append((np.dtype(dtype), tuple(shape)))
+            inline.append((np.dtype(dtype), tuple(shape)))
         elif _BYTES in value:
-            out.append((np.dtype(np.uint8), (value[_BYTES],)))
-        elif _SHARED not in value:
+            inline.append((np.dtype(np.uint8), (value[_BYTES],)))
+        elif _SHARED in value:
+            shared.append(value[_SHARED])
+        else:
             for item in value.values():
-                _inline_specs(item, out)
+                _array_specs(item, inline, shared)
     elif isinstance(value, list):
         for item in value:
-            _inline_specs(item, out)
+            _array_specs(item, inline, shared)
 
 
 def _frame(nbytes: int) -> bytes:
@@ -385,58 +386,46 @@ def _wait(poller: select.poll | None, timeout_ms: int) -> None:
         raise _Stalled
 
 
-def _read_into(fd: int, view: memoryview, poller: select.poll | None, timeout_ms: int) -> None:
-    """Fill `view` from `fd`, straight into its memory; _Stalled if `poller` sees nothing for the timeout."""
-    got = 0
-    while got < view.nbytes:
-        _wait(poller, timeout_ms)
-        n = os.readv(fd, [view[got:]])
-        if n == 0:
-            raise EOFError("the peer closed the connection")
-        got += n
-
-
-def _read_length(fd: int, poller: select.poll | None, timeout_ms: int, long: bool = False) -> int:
-    """A frame's length (`long`: the u64 that follows a -1, whose four bytes the caller read)."""
-    if not long:
-        head = bytearray(4)
-        _read_into(fd, memoryview(head), poller, timeout_ms)
-        (nbytes,) = _I32.unpack(head)
-        if nbytes != -1:
-            return nbytes
-    head = bytearray(8)
-    _read_into(fd, memoryview(head), poller, timeout_ms)
-    (nbytes,) = _U64.unpack(head)
-    return nbytes
-
-
-def _read_first_bytes(fd: int, view: memoryview, poller: select.poll | None, timeout_ms: int) -> int | None:
-    """`_read_into` that also takes the descriptor riding on these bytes, if any (the kernel hands it over
-    with the first read that touches the bytes it was sent with)."""
-    sock = socket.socket(fileno=fd)
-    received: list[int] = []
+def _read_into(
+    fd: int, view: memoryview, poller: select.poll | None, timeout_ms: int, fds: list[int] | None = None
+) -> None:
+    """Fill `view` from `fd`, straight into its memory; _Stalled if `poller` sees nothing for the timeout.
+    With `fds`, descriptors riding on these bytes are appended to it (the kernel hands one over with the
+    first read that touches the bytes it was sent with); the caller closes them."""
+    sock = socket.socket(fileno=fd) if fds is not None else None
     try:
         got = 0
         while got < view.nbytes:
             _wait(poller, timeout_ms)
-            n, ancillary, flags, _ = sock.recvmsg_into([view[got:]], _ANCILLARY_SIZE)
-            for level, kind, data in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds = int_array("i")
-                    fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-                    received += fds
-            if flags & socket.MSG_CTRUNC or len(received) > 1:
-                raise EOFError("a message came with more than one descriptor")
+            if sock is None:
+                n = os.readv(fd, [view[got:]])
+            else:
+                n, ancillary, flags, _ = sock.recvmsg_into([view[got:]], _ANCILLARY_SIZE)
+                for level, kind, data in ancillary:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        received = int_array("i")
+                        received.frombytes(data[: len(data) - len(data) % received.itemsize])
+                        fds += received
+                if flags & socket.MSG_CTRUNC or len(fds) > 1:
+                    raise EOFError("a message came with more than one descriptor")
             if n == 0:
                 raise EOFError("the peer closed the connection")
             got += n
-    except BaseException:
-        for x in received:
-            os.close(x)
-        raise
     finally:
-        sock.detach()  # the descriptor stays the Connection's
-    return received[0] if received else None
+        if sock is not None:
+            sock.detach()  # the descriptor stays the Connection's
+
+
+def _read_length(fd: int, poller: select.poll | None, timeout_ms: int, fds: list[int] | None = None) -> int:
+    """A frame's length: four bytes, or a -1 there and then eight."""
+    head = bytearray(4)
+    _read_into(fd, memoryview(head), poller, timeout_ms, fds)
+    (nbytes,) = _I32.unpack(head)
+    if nbytes == -1:
+        head = bytearray(8)
+        _read_into(fd, memoryview(head), poller, timeout_ms)
+        (nbytes,) = _U64.unpack(head)
+    return nbytes
 
 
 def send_message(conn: Connection, message: dict[str, Any], slots: SharedSlots | None = None) -> None:
@@ -483,18 +472,14 @@ def recv_message(
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         timeout_ms = max(0, math.ceil(timeout_s * 1000))
-    new_fd = None
+    new_fds: list[int] = []  # the slot's descriptor, when the slot is new to us or grew
     try:
-        head = bytearray(4)
-        new_fd = _read_first_bytes(fd, memoryview(head), poller, timeout_ms)
-        (nbytes,) = _I32.unpack(head)
-        if nbytes == -1:
-            nbytes = _read_length(fd, poller, timeout_ms, long=True)
-        header_bytes = bytearray(nbytes)
+        header_bytes = bytearray(_read_length(fd, poller, timeout_ms, new_fds))
         _read_into(fd, memoryview(header_bytes), poller, timeout_ms)
         header = json.loads(header_bytes)
         specs: list[tuple[np.dtype, tuple[int, ...]]] = []
-        _inline_specs(header, specs)
+        markers: list[list[Any]] = []
+        _array_specs(header, specs, markers)
         inline = []
         for dtype, shape in specs:
             array = np.empty(shape, dtype=dtype)
@@ -504,31 +489,19 @@ def recv_message(
                 raise EOFError(f"an array of {flat.nbytes} bytes arrived with {nbytes}")
             _read_into(fd, flat, poller, timeout_ms)
             inline.append(array)
-        if new_fd is not None:
-            index = _slot_of(header)
-            if slots is None or index is None:
+        if markers and slots is None:
+            raise EOFError("a shared array arrived on a connection that takes none")
+        if new_fds:
+            if not markers:
                 raise EOFError("shared memory arrived with a message that has no place for it")
-            slots.replace(index, new_fd)
+            slots.replace(markers[0][2], new_fds[0])  # one slot per message
+        shared = [slots.copy_out(marker) for marker in markers]
     except _Stalled:
         return None
     finally:
-        if new_fd is not None:  # a mapping holds its memory by itself
-            os.close(new_fd)
-    return _unflatten(header, iter(inline), slots)
-
-
-def _slot_of(value: Any) -> int | None:
-    """The slot a message's shared arrays lie in (one per message), or None."""
-    if isinstance(value, dict):
-        if _SHARED in value:
-            return value[_SHARED][2]
-        value = list(value.values())
-    if isinstance(value, list):
-        for item in value:
-            index = _slot_of(item)
-            if index is not None:
-                return index
-    return None
+        for x in new_fds:  # a mapping holds its memory by itself
+            os.close(x)
+    return _unflatten(header, iter(inline), iter(shared))
 
 
 # ---- the child --------------------------------------------------------------------------------------------
