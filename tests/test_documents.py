@@ -221,8 +221,8 @@ def test_pixels_and_text_are_what_pymupdf_gives(tmp_path):
 
 
 def test_page_pixels_outlive_their_document(tmp_path):
-    """Pixels are the pixmap's own memory (no copy): they must stay valid after the pixmap and the
-    document are gone and other pages have been rendered."""
+    """Pixels are rendered straight into the row's own array (no copy after MuPDF draws): they must stay
+    valid after the pixmap and the document are gone and other pages have been rendered."""
     path = make_pdf(tmp_path / "a.pdf", pages=6, image_only_pages=tuple(range(6)))
     rows = rows_of(path)
     gc.collect()

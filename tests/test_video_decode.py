@@ -141,6 +141,24 @@ def test_windows_through_the_decode_child_are_the_same_frames(videos, codec, suf
         decoder.close()
 
 
+def test_a_job_decodes_with_as_many_threads_as_its_decode_workers_have_cpus():
+    from schemas import validate_job
+
+    def threads(cpus: float) -> int:
+        job = validate_job(
+            {
+                "kind": "caption_videos",
+                "inputs": ["/data/v.mp4"],
+                "output": "/data/out",
+                "model": "/models/m",
+                "resources": {"cpus_per_decode_worker": cpus},
+            }
+        )
+        return VideoDecodeConfig.from_job(job).threads
+
+    assert (threads(1.0), threads(0.5), threads(2.5)) == (1, 1, 3)  # never 0, FFmpeg's one per core
+
+
 def test_index_pattern_catches_decord_misreads(videos):
     """The premise, shown: forced onto decord, MPEG-4 with B-frames comes back with wrong frames."""
     rows = list(decode_video(videos["mpeg4", "avi"], VideoDecodeConfig(fps=6.0, backend="decord")))
