@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -19,12 +20,13 @@ import torch
 
 from model.kv_cache import BlockManager, CacheShape, blocks_needed
 from model.model_runner import ModelRunner
-from model.paged_attention import pick_backend
+from model.paged_attention import backend_problem, pick_backend
 from model.qwen2vl import Qwen2VL
 from model.rope import mrope_positions
 from model.sampling import SamplingParams, sample, top_logprobs
 from model.scheduler import ScheduledBatch, Scheduler
 from model.sequence import Sequence, VisionItem
+from model.triton_attention import kernel_problem
 
 
 @dataclass
@@ -43,6 +45,11 @@ class EngineConfig:
     # tokens per KV block; by default 256 with flash-attn (what its paged mode takes), else 16
     block_size: int | None = None
     seed: int = 0  # draws of requests without their own seed
+    # "flash", "triton" or "sdpa"; by default flash-attn where installed, else the Triton decode kernel on
+    # CUDA (after a check against a reference), else SDPA
+    attention_backend: str | None = None
+    # decode-only steps replayed as CUDA graphs (CUDA with the triton backend); if capture fails, eager
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_batch_tokens", "max_num_seqs", "max_vision_patches"):
@@ -109,6 +116,7 @@ class EngineStats:
     vision_patches: int = 0
     decode_only_steps: int = 0  # steps with no prefill token, and their wall time
     decode_only_seconds: float = 0.0
+    graph_steps: int = 0  # decode-only steps run as CUDA graphs (or their static-buffer stand-in)
     wall_seconds: float = 0.0
 
 
@@ -129,7 +137,7 @@ class Engine:
         self.device = model.device
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         self.eos_token_ids = set(eos_token_ids or [self.model_config.eos_token_id])
-        backend = pick_backend(self.device, model.dtype)
+        backend = self._pick_backend()
         block_size = config.block_size or (256 if backend == "flash" else 16)
         if backend == "flash" and block_size % 256:
             raise ValueError(
@@ -137,6 +145,12 @@ class Engine:
             )
         num_blocks = self._num_blocks(block_size)
         self.runner = ModelRunner(model, num_blocks, block_size, config.max_vision_patches, backend)
+        if config.cuda_graphs and backend == "triton" and self.device.type == "cuda":
+            try:
+                self.runner.use_decode_graphs(config.max_num_seqs, self.max_model_len, capture=True)
+            except Exception as e:  # slower, still right: say so and run eagerly
+                message = f"CUDA graphs for decode steps failed ({e}); decode steps run eagerly"
+                warnings.warn(message, stacklevel=2)
         self.blocks = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_batch_tokens)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
@@ -164,6 +178,22 @@ class Engine:
             value = json.loads(gen_config.read_text()).get("eos_token_id")
             eos = [value] if isinstance(value, int) else value
         return cls(model, config, tokenizer, eos)
+
+    def _pick_backend(self) -> str:
+        dtype, wanted = self.model.dtype, self.config.attention_backend
+        if wanted is not None:
+            problem = backend_problem(wanted, self.device, dtype)
+            if problem:
+                raise ValueError(f"EngineConfig.attention_backend={wanted!r}: {problem}")
+            return wanted
+        backend = pick_backend(self.device, dtype)
+        if backend == "triton":
+            problem = kernel_problem(self.device, dtype)
+            if problem:
+                message = f"the Triton decode kernel failed its check ({problem}); using SDPA"
+                warnings.warn(message, stacklevel=2)
+                return "sdpa"
+        return backend
 
     def _num_blocks(self, block_size: int) -> int:
         cfg = self.config
@@ -278,6 +308,7 @@ class Engine:
         start = time.perf_counter()
         self.stats = EngineStats()
         vision_before = self.runner.vision_seconds, self.runner.vision_patches
+        graph_steps_before = self.runner.decode_graphs.steps if self.runner.decode_graphs else 0
         outputs: list[RequestOutput | None] = [None] * len(requests)
         for i, req in enumerate(requests):
             try:
@@ -306,6 +337,8 @@ class Engine:
         self.stats.wall_seconds = time.perf_counter() - start
         self.stats.vision_seconds = self.runner.vision_seconds - vision_before[0]
         self.stats.vision_patches = self.runner.vision_patches - vision_before[1]
+        if self.runner.decode_graphs:
+            self.stats.graph_steps = self.runner.decode_graphs.steps - graph_steps_before
         return outputs
 
     def step(self) -> list[Sequence]:

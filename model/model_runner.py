@@ -8,7 +8,8 @@ import time
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from model.kv_cache import CacheShape, allocate_kv_cache
+from model.cuda_graphs import DecodeGraphs
+from model.kv_cache import CacheShape, allocate_kv_cache, blocks_needed
 from model.paged_attention import PagedAttention
 from model.qwen2vl import Qwen2VL
 from model.scheduler import ScheduledBatch
@@ -50,6 +51,11 @@ def plan_vision_calls(sizes: list[int], max_patches: int) -> list[list[int]]:
     return calls
 
 
+def _decode_only(batch: ScheduledBatch) -> bool:
+    """Every sequence feeds one generated token (no prompt token: a prompt's last chunk may be 1 long)."""
+    return all(n == 1 and s.num_computed >= s.prompt_len for s, n in zip(batch.seqs, batch.num_new_tokens))
+
+
 LM_HEAD_SLICE = 2048  # vocab rows per LM-head matmul on CPU (see ModelRunner.logits)
 LM_HEAD_MIN_ROWS = 12  # fewer rows to sample: one plain LM-head matmul
 CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -69,10 +75,32 @@ class ModelRunner:
         self.cache_shape = CacheShape(
             self.config.num_hidden_layers, self.config.num_key_value_heads, self.config.head_dim, block_size
         )
-        self.k_cache, self.v_cache = allocate_kv_cache(self.cache_shape, num_blocks, self.dtype, self.device)
+        # One block more than the block manager hands out: padding rows of a graphed decode step write there.
+        self.sink_block = num_blocks
+        self.k_cache, self.v_cache = allocate_kv_cache(
+            self.cache_shape, num_blocks + 1, self.dtype, self.device
+        )
         self.scratch = Scratch(self.device)
+        self.decode_graphs: DecodeGraphs | None = None
         self.vision_seconds = 0.0  # wall time in the vision tower, for throughput figures
         self.vision_patches = 0
+
+    def use_decode_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool) -> None:
+        """Run decode-only steps of up to max_num_seqs sequences on static buffers (triton backend), as CUDA
+        graphs if `capture`. Raises if capturing fails; the runner then stays eager."""
+        if self.backend != "triton":
+            raise ValueError(f"decode graphs need the triton attention backend, not {self.backend!r}")
+        graphs = DecodeGraphs(
+            self.model,
+            self.k_cache,
+            self.v_cache,
+            self.sink_block,
+            max_num_seqs,
+            blocks_needed(max_model_len, self.cache_shape.block_size),
+        )
+        if capture:
+            graphs.capture()
+        self.decode_graphs = graphs
 
     def sdpa_backends(self) -> contextlib.AbstractContextManager:
         """SDPA kernels the engine allows: on CUDA, not cuDNN's, which builds a graph for every new sequence
@@ -128,6 +156,9 @@ class ModelRunner:
             return self._run(batch)
 
     def _run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor | None]:
+        graphs = self.decode_graphs
+        if graphs is not None and graphs.batch_size_for(len(batch.seqs)) and _decode_only(batch):
+            return batch.seqs, self.logits(graphs.run(batch.seqs))
         new_prefills = [s for s in batch.seqs if s.needs_vision]
         if new_prefills:
             self.encode_vision(new_prefills)

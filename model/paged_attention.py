@@ -1,12 +1,14 @@
 """The engine's attention context: one step of packed tokens over the paged KV cache.
 
 Each step mixes decodes (one query token per sequence) and prefill chunks (many). Every layer first writes
-the step's K/V into the cache slots of its tokens, then attends. Two backends, picked by device:
+the step's K/V into the cache slots of its tokens, then attends. Three backends:
 - `flash`: flash-attn's varlen kernel reads the paged cache through the block table (CUDA, flash_attn
   installed; its paged mode needs block_size % 256 == 0).
 - `sdpa`: torch SDPA. Decodes run as one batched call over K/V gathered from their blocks (padded to the
   longest, masked); a prefill chunk with nothing cached attends to its own K/V causally; a chunk after
   cached tokens gathers its sequence's cache and uses a bottom-right causal mask. CPU and CUDA alike.
+- `triton`: prefill chunks as `sdpa`; decodes through model/triton_attention.py, which reads the cache in
+  place (CUDA without flash-attn; the tests run it on the CPU through Triton's interpreter).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from model.scratch import Scratch
+from model.triton_attention import paged_decode_attention, triton_available
 
 try:  # optional: only on CUDA machines that have the package
     from flash_attn import flash_attn_varlen_func
@@ -24,10 +27,29 @@ except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_varlen_func = None
 
 
+BACKENDS = ("flash", "triton", "sdpa")
+
+
 def pick_backend(device: torch.device, dtype: torch.dtype) -> str:
-    """flash-attn where it can run (CUDA, half precision, package installed), SDPA everywhere else."""
+    """flash-attn where it can run (CUDA, half precision, package installed), else the Triton decode kernel
+    on CUDA, SDPA everywhere else."""
+    if device.type != "cuda":
+        return "sdpa"
+    if dtype in (torch.bfloat16, torch.float16) and flash_attn_varlen_func is not None:
+        return "flash"
+    return "triton" if triton_available(device) else "sdpa"
+
+
+def backend_problem(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why `backend` cannot run here, or None."""
+    if backend not in BACKENDS:
+        return f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}"
     half = dtype in (torch.bfloat16, torch.float16)
-    return "flash" if device.type == "cuda" and half and flash_attn_varlen_func is not None else "sdpa"
+    if backend == "flash" and (device.type != "cuda" or not half or flash_attn_varlen_func is None):
+        return "the flash backend needs CUDA, bf16/fp16 weights and the flash_attn package"
+    if backend == "triton" and not triton_available(device):
+        return "the triton backend needs CUDA and the triton package (or TRITON_INTERPRET=1 on the CPU)"
+    return None
 
 
 @dataclass
@@ -73,7 +95,10 @@ class PagedAttention:
         self.num_decode = 0
         while self.num_decode < len(q_lens) and q_lens[self.num_decode] == 1:
             self.num_decode += 1
-        if self.num_decode:
+        if self.num_decode and backend == "triton":
+            self.dec_tables = _pad_tables(block_tables[: self.num_decode], device, torch.int32)
+            self.dec_lens = torch.tensor(ctx_lens[: self.num_decode], dtype=torch.int32).to(device)
+        elif self.num_decode:
             dec_tables = block_tables[: self.num_decode]
             tables = _pad_tables(dec_tables, device, torch.long)
             width = tables.shape[1] * bs
@@ -91,6 +116,24 @@ class PagedAttention:
                 mask = torch.arange(start + n, device=device)[None, :] <= q_pos[:, None]
             self.prefills.append(_Prefill(row, row + n, start, blocks, mask))
             row += n
+
+    @classmethod
+    def decode_step(
+        cls,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+    ) -> PagedAttention:
+        """A decode-only step whose inputs are already device tensors (the triton backend): nothing here
+        reads them on the host, so the step can be captured in a CUDA graph."""
+        ctx = cls.__new__(cls)
+        ctx.k_cache, ctx.v_cache, ctx.backend = k_cache, v_cache, "triton"
+        ctx.block_size = k_cache.shape[2]
+        ctx.slot_mapping, ctx.dec_tables, ctx.dec_lens = slot_mapping, block_tables, context_lens
+        ctx.num_decode, ctx.prefills = len(slot_mapping), []
+        return ctx
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kc, vc = self.k_cache[layer_idx], self.v_cache[layer_idx]
@@ -127,7 +170,9 @@ class PagedAttention:
         return out
 
     def _decode(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
-        """One query token per sequence against its cached K/V, all sequences in one SDPA call."""
+        """One query token per sequence against its cached K/V, all sequences in one call."""
+        if self.backend == "triton":
+            return paged_decode_attention(q, kc, vc, self.dec_tables, self.dec_lens)
         batch, heads, dim = q.shape
         kv_heads = kc.shape[2]
         # Gathered into buffers every layer and step reuses: fresh ones would be faulted in each time.

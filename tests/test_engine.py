@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from model import Qwen2VL, generate, model_runner, scratch
+from model.cuda_graphs import padded_batch_sizes
 from model.engine import Engine, EngineConfig, Request
 from model.kv_cache import BlockManager
 from model.model_runner import plan_vision_calls, split_vision_item
@@ -14,6 +17,7 @@ from model.processor import Processor
 from model.sampling import SamplingParams, filter_top_k_top_p, sample
 from model.scheduler import Scheduler
 from model.sequence import Sequence, SequenceStatus, VisionItem
+from model.triton_attention import kernel_problem, paged_decode_attention
 
 NEW_TOKENS = 10
 
@@ -360,3 +364,89 @@ def test_failed_step_leaves_engine_usable(setup, workload, monkeypatch):
     monkeypatch.setattr(engine.runner, "run", run)
     out = engine.generate(greedy_requests(inputs[:1]))[0]
     assert_same_greedy(model, inputs[0], reference[0], out)
+
+
+# --- the Triton decode kernel and graphed decode steps (Triton's interpreter on the CPU, see conftest) ----
+
+
+def paged_reference(q, k_cache, v_cache, tables, lens) -> torch.Tensor:
+    """Softmax attention in float64 over each sequence's first lens[i] cached tokens, read block by block."""
+    heads, kv_heads = q.shape[1], k_cache.shape[2]
+    bs = k_cache.shape[1]
+    out = []
+    for i, n in enumerate(lens.tolist()):
+        blocks = tables[i, : -(-n // bs)].long()
+        keys, values = (
+            c[blocks].flatten(0, 1)[:n].repeat_interleave(heads // kv_heads, 1) for c in (k_cache, v_cache)
+        )
+        scores = torch.einsum("hd,nhd->hn", q[i].double(), keys.double()) / q.shape[-1] ** 0.5
+        out.append(torch.einsum("hn,nhd->hd", scores.softmax(-1), values.double()))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize(
+    "heads,kv_heads,dim,block_size,dtype",
+    [
+        (4, 2, 16, 16, torch.float32),  # GQA groups of 2, 6, 1, 7; head dims padded to a power of two
+        (12, 2, 80, 16, torch.float32),
+        (6, 6, 32, 8, torch.float32),
+        (14, 2, 64, 256, torch.float32),
+        (12, 2, 128, 16, torch.bfloat16),  # Qwen2-VL-2B's geometry, in the GPU's dtype
+    ],
+)
+def test_paged_decode_kernel_matches_softmax(heads, kv_heads, dim, block_size, dtype):
+    gen = torch.Generator().manual_seed(heads * dim)
+    num_blocks = 48
+    shape = (3, num_blocks, block_size, kv_heads, dim)
+    k_cache, v_cache = (torch.randn(shape, generator=gen).to(dtype) for _ in range(2))
+    lens = torch.tensor([1, 17, 130, 64, 5], dtype=torch.int32)  # one token, and across blocks and tiles
+    width = max(-(-n // block_size) for n in lens.tolist())
+    tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:width] for _ in lens]).int()
+    q = torch.randn(len(lens), heads, dim, generator=gen).to(dtype)
+    out = paged_decode_attention(q, k_cache[1], v_cache[1], tables, lens)  # a layer's slice, as the engine
+    assert out.shape == q.shape and out.dtype == dtype
+    expected = paged_reference(q, k_cache[1], v_cache[1], tables, lens)
+    if dtype == torch.float32:  # float32 sums in another order
+        torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+    else:  # the output rounded to bf16
+        torch.testing.assert_close(out.double(), expected, rtol=1e-2, atol=1e-2)
+    assert kernel_problem(torch.device("cpu"), dtype) is None  # the engine's start-up check
+
+
+def test_graph_batch_sizes_cover_every_batch():
+    assert padded_batch_sizes(256) == [1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256]
+    assert padded_batch_sizes(20) == [1, 2, 4, 8, 16, 20]
+    for cap in (1, 3, 100, 300):
+        sizes = padded_batch_sizes(cap)
+        assert sizes[-1] == cap and sizes == sorted(set(sizes))
+        assert all(b - a <= (16 if a < 128 else 32) for a, b in zip(sizes, sizes[1:]) if a >= 16)
+
+
+@pytest.mark.parametrize("name", ["roomy", "small_cache"])
+def test_triton_decode_and_graph_steps_match_generate(setup, workload, name):
+    """Decodes through the Triton kernel, decode-only steps on the graphs' static buffers (padded batch rows
+    writing to the sink block), run eagerly: still each request's tokens from generate run alone."""
+    model, processor = setup
+    inputs, reference = workload
+    config = dataclasses.replace(ENGINE_CONFIGS[name], attention_backend="triton")
+    engine = Engine(model, config, tokenizer=processor.tokenizer)
+    engine.runner.use_decode_graphs(config.max_num_seqs, engine.max_model_len, capture=False)
+    outputs = engine.generate(greedy_requests(inputs))
+    for i, (ref, out) in enumerate(zip(reference, outputs)):
+        assert_same_greedy(model, inputs[i], ref, out)
+    stats = engine.stats
+    assert 0 < stats.graph_steps <= stats.decode_only_steps  # some decode-only steps took the static path
+    if name == "small_cache":
+        assert stats.preemptions > 0  # recomputed sequences came back to graphed decoding
+    assert engine.blocks.num_free == engine.blocks.num_blocks  # the sink block was never handed out
+
+
+def test_attention_backend_must_run_here(setup):
+    model, _ = setup
+    with pytest.raises(ValueError, match="attention_backend='flash'.*flash_attn"):
+        Engine(model, EngineConfig(num_kv_blocks=4, attention_backend="flash"))
+    with pytest.raises(ValueError, match="unknown attention backend 'xformers'"):
+        Engine(model, EngineConfig(num_kv_blocks=4, attention_backend="xformers"))
+    assert Engine(model, EngineConfig(num_kv_blocks=4)).runner.backend == "sdpa"  # the CPU's default
+    with pytest.raises(ValueError, match="triton attention backend"):
+        Engine(model, EngineConfig(num_kv_blocks=4)).runner.use_decode_graphs(4, 64, capture=False)

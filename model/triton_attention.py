@@ -1,0 +1,142 @@
+"""Paged decode attention as a Triton kernel: each sequence's query token against its K/V where they lie in
+the paged cache, read through its block table.
+
+The SDPA path has to gather every decoding sequence's blocks into a dense (batch, width) copy each layer and
+then read the copy again: three passes over the whole KV cache per step, padded to the longest sequence. This
+kernel reads each sequence's own tokens once. Its shapes depend only on the batch size, not on the sequence
+lengths (those are data), so a decode step built on it can be captured in a CUDA graph
+(model/cuda_graphs.py). Runs on CUDA; tests run it on the CPU through Triton's interpreter
+(TRITON_INTERPRET=1, set before this module is imported).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:  # ships with CUDA builds of torch; on the CPU only the tests' interpreter needs it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the machine
+    triton = None
+
+TILE = 64  # cache positions per inner step: a (TILE, head_dim) slab of K and of V
+
+
+def triton_available(device: torch.device) -> bool:
+    """Whether the kernel can run on `device`: CUDA with Triton, or any device under Triton's interpreter."""
+    if triton is None:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _paged_decode_kernel(
+        q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr,
+        stride_qb, stride_qh, stride_kblock, stride_kslot, stride_khead, stride_tb, stride_ob, stride_oh,
+        scale,
+        GROUP: tl.constexpr, GROUP_P: tl.constexpr, DIM: tl.constexpr, DIM_P: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        # One program per (sequence, kv head): the GROUP query heads sharing the kv head are the rows of
+        # one small matmul against each K/V slab, so the slab is read once for all of them.
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        length = tl.load(lens_ptr + seq)
+        g = tl.arange(0, GROUP_P)
+        d = tl.arange(0, DIM_P)
+        heads = kv_head * GROUP + g
+        q_mask = (g[:, None] < GROUP) & (d[None, :] < DIM)
+        q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=q_mask, other=0.0)
+        # float32 operands: bf16/fp16 values are exact in tf32, so the products are those of a half-precision
+        # dot, and the softmax weights keep 10 mantissa bits in P @ V. The kernel is bound by reading K/V,
+        # not by the matmul rate, and Triton's interpreter (the CPU tests) only gets float32 dots right.
+        q = q.to(tl.float32)
+        m_i = tl.full([GROUP_P], float("-inf"), tl.float32)
+        l_i = tl.zeros([GROUP_P], tl.float32)
+        acc = tl.zeros([GROUP_P, DIM_P], tl.float32)
+        t = tl.arange(0, TILE)
+        for start in range(0, length, TILE):
+            pos = start + t
+            valid = pos < length
+            block = tl.load(tables_ptr + seq * stride_tb + pos // BLOCK_SIZE, mask=valid, other=0)
+            # int64: a 72B model's cache passes 2**31 elements per layer
+            row = block.to(tl.int64) * stride_kblock + (pos % BLOCK_SIZE) * stride_kslot
+            kv_at = row[:, None] + kv_head * stride_khead + d[None, :]
+            kv_mask = valid[:, None] & (d[None, :] < DIM)
+            k = tl.load(k_ptr + kv_at, mask=kv_mask, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + kv_at, mask=kv_mask, other=0.0).to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds a valid position
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        out_at = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + d[None, :]
+        tl.store(out_at, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+) -> torch.Tensor:
+    """q (batch, heads, dim) against each sequence's first context_lens[i] cached tokens.
+
+    k_cache/v_cache: one layer, (blocks, block_size, kv_heads, dim); block_tables (batch, width) int32;
+    context_lens (batch,) int32, each >= 1. Returns (batch, heads, dim) in q's dtype."""
+    batch, heads, dim = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    if k_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride() or q.stride(-1) != 1:
+        raise ValueError("paged_decode_attention needs contiguous head dims and K/V caches of one layout")
+    group = heads // kv_heads
+    out = torch.empty_like(q)
+    _paged_decode_kernel[(batch, kv_heads)](
+        q, k_cache, v_cache, block_tables, context_lens, out,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        1.0 / math.sqrt(dim),
+        GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)),  # tl.dot wants >= 16 rows
+        DIM=dim, DIM_P=max(16, triton.next_power_of_2(dim)),
+        BLOCK_SIZE=block_size, TILE=TILE,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )  # fmt: skip
+    return out
+
+
+def kernel_problem(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Run the kernel once on random data against a plain softmax reference: None if it agrees, else why.
+    The engine asks before picking the kernel by itself, so a Triton that cannot build it costs speed only."""
+    gen = torch.Generator().manual_seed(0)
+    blocks, block_size, kv_heads, group, dim = 12, 16, 2, 6, 128
+    # Drawn in float32, rounded to `dtype`: the reference then sees exactly the kernel's inputs.
+    k_cache, v_cache = (
+        torch.randn(blocks, block_size, kv_heads, dim, generator=gen).to(dtype).float() for _ in range(2)
+    )
+    q = torch.randn(3, kv_heads * group, dim, generator=gen).to(dtype).float()
+    lens = torch.tensor([1, 37, 150], dtype=torch.int32)
+    tables = torch.stack([torch.randperm(blocks, generator=gen)[:10] for _ in lens]).int()
+    expected = []
+    for i, n in enumerate(lens.tolist()):
+        keys = k_cache[tables[i].long()].flatten(0, 1)[:n].repeat_interleave(group, 1)  # (n, heads, dim)
+        values = v_cache[tables[i].long()].flatten(0, 1)[:n].repeat_interleave(group, 1)
+        weights = (torch.einsum("hd,nhd->hn", q[i], keys) / math.sqrt(dim)).softmax(-1)
+        expected.append(torch.einsum("hn,nhd->hd", weights, values))
+    try:
+        out = paged_decode_attention(
+            *(x.to(device, dtype) for x in (q, k_cache, v_cache)), tables.to(device), lens.to(device)
+        )
+    except Exception as e:  # a compiler error names itself; the engine reports it
+        return f"{type(e).__name__}: {e}"
+    error = (out.float().cpu() - torch.stack(expected)).abs().max().item()
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-2  # tf32 rounds the weights for P @ V
+    return None if error <= tolerance else f"differs from the reference by {error:.3g}"
