@@ -1,6 +1,7 @@
 """Engine vs transformers' generate with the real Qwen2-VL-2B shapes and random bf16 weights (for a GPU).
 
     python bench/gpu_engine.py [--requests 512] [--hf-batch 32,128] [--hf-time-budget 180]
+                               [--variants auto,sdpa,triton]   # our engine's attention/graph settings
     python bench/gpu_engine.py --smoke          # tiny config on CPU: checks the script end to end
 
 Self-contained: no checkpoint, tokenizer or network. It builds the 2B config from model/configs, random
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -179,14 +181,37 @@ def device_check(device: torch.device) -> None:
             "chunked+small cache",
             EngineConfig(max_batch_tokens=48, num_kv_blocks=40, block_size=16, max_vision_patches=64),
         ),
+        ("packed, sdpa", EngineConfig(max_batch_tokens=4096, num_kv_blocks=256, attention_backend="sdpa")),
     ):
-        outputs = Engine(model, cfg).generate(requests)
+        engine = Engine(model, cfg)
+        outputs = engine.generate(requests)
         same = sum(o.token_ids == ref for o, ref in zip(outputs, refs))
-        print(f"device check ({name}): {same}/{len(refs)} requests identical to generate run alone")
+        print(
+            f"device check ({name}; {describe(engine)}): {same}/{len(refs)} requests identical to generate "
+            f"run alone; {engine.stats.graph_steps} graphed decode steps"
+        )
+
+
+def describe(engine: Engine) -> str:
+    graphs = engine.runner.decode_graphs
+    captured = f"{len(graphs.graphs)} CUDA graphs" if graphs and graphs.graphs else "no CUDA graphs"
+    return f"{engine.runner.backend} attention, {captured}"
+
+
+def variant_config(name: str, base: EngineConfig) -> EngineConfig:
+    """'auto' (the engine's own choice), or a backend name with '-nographs' to keep decode steps eager."""
+    backend, _, rest = name.partition("-")
+    if rest not in ("", "nographs"):
+        raise SystemExit(f"--variants: {name!r} is not 'auto', BACKEND or BACKEND-nographs")
+    return dataclasses.replace(
+        base, attention_backend=None if backend == "auto" else backend, cuda_graphs=rest != "nographs"
+    )
 
 
 def run_ours(model, items, new_tokens: int, config: EngineConfig, device: torch.device):
+    t0 = time.perf_counter()
     engine = Engine(model, config)
+    print(f"engine start ({describe(engine)}): {time.perf_counter() - t0:.1f} s")
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     requests = [Request(ids, pixels, grid, sampling=params) for ids, pixels, grid in items]
     engine.generate(requests[: min(8, len(requests))])  # warm-up: kernels, allocator
@@ -247,6 +272,47 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def profile_ours(model, items, new_tokens: int, config: EngineConfig, device: torch.device) -> None:
+    """Where the time goes: torch.profiler over one generate() of `items`, top ops by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = Engine(model, config)
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    requests = [Request(ids, pixels, grid, sampling=params) for ids, pixels, grid in items]
+    engine.generate(requests[:2])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        engine.generate(requests)
+        _sync(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(f"profile of {len(requests)} requests ({describe(engine)}):")
+    print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60))
+
+
+def report_ours(variant, seconds, tokens, stats, n, config, grids, device) -> None:
+    generated = sum(len(t) for t in tokens)
+    print(
+        f"engine [{variant}]: {n / seconds:8.2f} requests/s  {generated / seconds:10.1f} generated tokens/s  "
+        f"({seconds:.1f} s, {stats.steps} steps, {stats.preemptions} preemptions)"
+    )
+    if stats.decode_only_steps:
+        print(
+            f"  decode-only steps: {stats.decode_only_steps} ({stats.graph_steps} as CUDA graphs), "
+            f"{1000 * stats.decode_only_seconds / stats.decode_only_steps:.1f} ms each; "
+            f"{stats.prefill_tokens} prefill tokens, {stats.decode_tokens} decode tokens"
+        )
+    vis_tflops = vision_flops(config, grids) / max(stats.vision_seconds, 1e-9) / 1e12
+    peak = (
+        f", {100 * vis_tflops / PEAK_BF16_TFLOPS:.1f}% of the {PEAK_BF16_TFLOPS:.0f} TFLOP/s bf16 peak"
+        if device.type == "cuda"
+        else ""
+    )
+    print(
+        f"  vision tower: {vis_tflops:.1f} TFLOP/s over {stats.vision_seconds:.2f} s "
+        f"({100 * stats.vision_seconds / seconds:.0f}% of the run){peak}"
+    )
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
@@ -272,7 +338,17 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-vision-patches", type=int, default=32768)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--variants",
+        default="auto",
+        help="our engine's settings to run, comma-separated: auto, or flash/triton/sdpa, each optionally "
+        "with -nographs (eager decode steps); the ratio uses the fastest",
+    )
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument(
+        "--profile", type=int, default=0, metavar="N",
+        help="after the timed runs, profile N requests through the first variant and print the top kernels",
+    )  # fmt: skip
     ap.add_argument("--no-check", action="store_true", help="skip the tiny float32 check on the GPU")
     ap.add_argument("--smoke", action="store_true", help="tiny config on CPU, few requests")
     args = ap.parse_args()
@@ -300,36 +376,27 @@ def main() -> None:
         f"({prompt_tokens / len(items):.0f}/request), {args.new_tokens} new tokens each"
     )
 
-    engine_config = EngineConfig(
+    base_config = EngineConfig(
         max_batch_tokens=args.max_batch_tokens,
         max_num_seqs=args.max_num_seqs,
         max_model_len=4096,
         max_vision_patches=args.max_vision_patches,
         kv_cache_bytes=None if device.type == "cuda" else 256 << 20,
     )
-    ours_s, ours_tokens, stats = run_ours(model, items, args.new_tokens, engine_config, device)
-    generated = sum(len(t) for t in ours_tokens)
-    vis_tflops = vision_flops(config, grids) / max(stats.vision_seconds, 1e-9) / 1e12
-    print(
-        f"engine:       {len(items) / ours_s:8.2f} requests/s  "
-        f"{generated / ours_s:10.1f} generated tokens/s  "
-        f"({ours_s:.1f} s, {stats.steps} steps, {stats.preemptions} preemptions)"
-    )
-    if stats.decode_only_steps:
-        print(
-            f"decode-only steps: {stats.decode_only_steps}, "
-            f"{1000 * stats.decode_only_seconds / stats.decode_only_steps:.1f} ms each; "
-            f"{stats.prefill_tokens} prefill tokens, {stats.decode_tokens} decode tokens"
+    best_ours = None
+    for variant in args.variants.split(","):
+        ours_s, tokens, stats = run_ours(
+            model, items, args.new_tokens, variant_config(variant, base_config), device
         )
-    print(
-        f"vision tower: {vis_tflops:.1f} TFLOP/s over {stats.vision_seconds:.2f} s "
-        f"({100 * stats.vision_seconds / ours_s:.0f}% of the run)"
-        + (
-            f", {100 * vis_tflops / PEAK_BF16_TFLOPS:.1f}% of the {PEAK_BF16_TFLOPS:.0f} TFLOP/s bf16 peak"
-            if device.type == "cuda"
-            else ""
-        )
-    )
+        report_ours(variant, ours_s, tokens, stats, len(items), config, grids, device)
+        if best_ours is None or ours_s < best_ours[0]:
+            best_ours = (ours_s, tokens, variant)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the next variant sizes its KV cache from free memory
+    ours_s, ours_tokens, best_variant = best_ours
+    if args.profile:
+        config_0 = variant_config(args.variants.split(",")[0], base_config)
+        profile_ours(model, items[: args.profile], args.new_tokens, config_0, device)
     if args.skip_hf:
         return
 
@@ -364,7 +431,9 @@ def main() -> None:
         )
         best = max(best, n_hf / hf_s)
     if best:
-        print(f"ratio (engine / best transformers batch, requests/s): {ours_rate / best:.2f}x")
+        print(
+            f"ratio (engine {best_variant} / best transformers batch, requests/s): {ours_rate / best:.2f}x"
+        )
 
 
 if __name__ == "__main__":
