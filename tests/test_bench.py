@@ -18,8 +18,10 @@ def run_script(*args: str, timeout: float = 600) -> str:
 
 
 def test_gpu_engine_bench_runs_its_cpu_smoke_and_agrees_with_transformers():
-    out = run_script("bench/gpu_engine.py", "--smoke")
-    assert "(8/8 identical)" in out and "ratio (engine / best transformers batch" in out
+    # triton: through Triton's interpreter, which the subprocess inherits from conftest's environment
+    out = run_script("bench/gpu_engine.py", "--smoke", "--variants", "auto,triton-nographs")
+    assert "engine [auto]" in out and "engine start (triton attention, no CUDA graphs)" in out
+    assert "(8/8 identical)" in out and "best transformers batch, requests/s)" in out
 
 
 def test_pipeline_bench_measures_every_variant(tmp_path):
