@@ -113,30 +113,44 @@ def paged_decode_attention(
     return out
 
 
+def decode_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+) -> torch.Tensor:
+    """What `paged_decode_attention` computes, written plainly: a float64 softmax per sequence over the
+    tokens its block table points at. For the start-up check and the tests."""
+    heads, (_, block_size, kv_heads, dim) = q.shape[1], k_cache.shape
+    out = []
+    for i, n in enumerate(context_lens.tolist()):
+        blocks = block_tables[i, : -(-n // block_size)].long()
+        # (n, heads, dim): each kv head repeated for the query heads of its group
+        keys, values = (
+            c[blocks].flatten(0, 1)[:n].double().repeat_interleave(heads // kv_heads, 1)
+            for c in (k_cache, v_cache)
+        )
+        weights = (torch.einsum("hd,nhd->hn", q[i].double(), keys) / math.sqrt(dim)).softmax(-1)
+        out.append(torch.einsum("hn,nhd->hd", weights, values))
+    return torch.stack(out)
+
+
 def kernel_problem(device: torch.device, dtype: torch.dtype) -> str | None:
     """Run the kernel once on random data against a plain softmax reference: None if it agrees, else why.
     The engine asks before picking the kernel by itself, so a Triton that cannot build it costs speed only."""
     gen = torch.Generator().manual_seed(0)
     blocks, block_size, kv_heads, group, dim = 12, 16, 2, 6, 128
-    # Drawn in float32, rounded to `dtype`: the reference then sees exactly the kernel's inputs.
-    k_cache, v_cache = (
-        torch.randn(blocks, block_size, kv_heads, dim, generator=gen).to(dtype).float() for _ in range(2)
-    )
-    q = torch.randn(3, kv_heads * group, dim, generator=gen).to(dtype).float()
+    shape = (blocks, block_size, kv_heads, dim)
+    k_cache, v_cache = (torch.randn(shape, generator=gen).to(dtype) for _ in range(2))
+    q = torch.randn(3, kv_heads * group, dim, generator=gen).to(dtype)
     lens = torch.tensor([1, 37, 150], dtype=torch.int32)
     tables = torch.stack([torch.randperm(blocks, generator=gen)[:10] for _ in lens]).int()
-    expected = []
-    for i, n in enumerate(lens.tolist()):
-        keys = k_cache[tables[i].long()].flatten(0, 1)[:n].repeat_interleave(group, 1)  # (n, heads, dim)
-        values = v_cache[tables[i].long()].flatten(0, 1)[:n].repeat_interleave(group, 1)
-        weights = (torch.einsum("hd,nhd->hn", q[i], keys) / math.sqrt(dim)).softmax(-1)
-        expected.append(torch.einsum("hn,nhd->hd", weights, values))
+    expected = decode_attention_reference(q, k_cache, v_cache, tables, lens)  # from the same rounded inputs
     try:
-        out = paged_decode_attention(
-            *(x.to(device, dtype) for x in (q, k_cache, v_cache)), tables.to(device), lens.to(device)
-        )
+        out = paged_decode_attention(*(x.to(device) for x in (q, k_cache, v_cache, tables, lens)))
     except Exception as e:  # a compiler error names itself; the engine reports it
         return f"{type(e).__name__}: {e}"
-    error = (out.float().cpu() - torch.stack(expected)).abs().max().item()
+    error = (out.cpu().double() - expected).abs().max().item()
     tolerance = 1e-4 if dtype == torch.float32 else 1e-2  # tf32 rounds the weights for P @ V
     return None if error <= tolerance else f"differs from the reference by {error:.3g}"

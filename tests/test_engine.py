@@ -17,7 +17,7 @@ from model.processor import Processor
 from model.sampling import SamplingParams, filter_top_k_top_p, sample
 from model.scheduler import Scheduler
 from model.sequence import Sequence, SequenceStatus, VisionItem
-from model.triton_attention import kernel_problem, paged_decode_attention
+from model.triton_attention import decode_attention_reference, kernel_problem, paged_decode_attention
 
 NEW_TOKENS = 10
 
@@ -369,21 +369,6 @@ def test_failed_step_leaves_engine_usable(setup, workload, monkeypatch):
 # --- the Triton decode kernel and graphed decode steps (Triton's interpreter on the CPU, see conftest) ----
 
 
-def paged_reference(q, k_cache, v_cache, tables, lens) -> torch.Tensor:
-    """Softmax attention in float64 over each sequence's first lens[i] cached tokens, read block by block."""
-    heads, kv_heads = q.shape[1], k_cache.shape[2]
-    bs = k_cache.shape[1]
-    out = []
-    for i, n in enumerate(lens.tolist()):
-        blocks = tables[i, : -(-n // bs)].long()
-        keys, values = (
-            c[blocks].flatten(0, 1)[:n].repeat_interleave(heads // kv_heads, 1) for c in (k_cache, v_cache)
-        )
-        scores = torch.einsum("hd,nhd->hn", q[i].double(), keys.double()) / q.shape[-1] ** 0.5
-        out.append(torch.einsum("hn,nhd->hd", scores.softmax(-1), values.double()))
-    return torch.stack(out)
-
-
 @pytest.mark.parametrize(
     "heads,kv_heads,dim,block_size,dtype",
     [
@@ -405,7 +390,7 @@ def test_paged_decode_kernel_matches_softmax(heads, kv_heads, dim, block_size, d
     q = torch.randn(len(lens), heads, dim, generator=gen).to(dtype)
     out = paged_decode_attention(q, k_cache[1], v_cache[1], tables, lens)  # a layer's slice, as the engine
     assert out.shape == q.shape and out.dtype == dtype
-    expected = paged_reference(q, k_cache[1], v_cache[1], tables, lens)
+    expected = decode_attention_reference(q, k_cache[1], v_cache[1], tables, lens)
     if dtype == torch.float32:  # float32 sums in another order
         torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
     else:  # the output rounded to bf16
