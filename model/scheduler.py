@@ -60,13 +60,13 @@ class Scheduler:
             budget -= n
 
         # 1. decodes: one token each; a token that opens a new block may preempt the youngest.
-        block_size = self.blocks.block_size
         for seq in list(self.running):
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed != 1:
                 continue
-            if seq.num_tokens <= len(seq.block_table) * block_size:  # most steps: room in its last block
+            # Most steps: the token fits the sequence's last block, and nothing can need preempting.
+            if not self.blocks.missing_blocks(seq.block_table, seq.num_tokens):
                 take(seq, 1)
                 continue
             while not self.blocks.can_grow(seq.block_table, seq.num_tokens):
