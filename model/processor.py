@@ -291,10 +291,7 @@ def resize_video_frames(
             f"out must be C-contiguous of shape {(x.shape[0], height, width, 3)}, not {out.shape}"
         )
     if tuple(x.shape[1:3]) == (height, width):
-        if out is None:
-            return x.numpy()
-        np.copyto(out, x.numpy())
-        return out
+        return _deliver(x.numpy(), out)
     # [T, H, W, C] seen as [T, C, H, W] is channels-last, the layout torch's fast uint8 kernel works in, and
     # its output comes back channels-last too: [T, h, w, C] again, without a copy.
     source = x.permute(0, 3, 1, 2)
@@ -309,9 +306,14 @@ def resize_video_frames(
     y = torch.nn.functional.interpolate(
         source, size=(height, width), mode="bicubic", align_corners=False, antialias=True
     )
+    return _deliver(y.permute(0, 2, 3, 1).numpy(), out)
+
+
+def _deliver(frames: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """`frames` C-contiguous (no copy if they are), or copied into `out`."""
     if out is None:
-        return np.ascontiguousarray(y.permute(0, 2, 3, 1).numpy())
-    np.copyto(out, y.permute(0, 2, 3, 1).numpy())
+        return np.ascontiguousarray(frames)
+    np.copyto(out, frames)
     return out
 
 
