@@ -208,12 +208,17 @@ def variant_config(name: str, base: EngineConfig) -> EngineConfig:
     )
 
 
+def workload_requests(items, new_tokens: int) -> list[Request]:
+    """The workload as engine requests: greedy, exactly `new_tokens` each (EOS ignored)."""
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    return [Request(ids, pixels, grid, sampling=params) for ids, pixels, grid in items]
+
+
 def run_ours(model, items, new_tokens: int, config: EngineConfig, device: torch.device):
     t0 = time.perf_counter()
     engine = Engine(model, config)
     print(f"engine start ({describe(engine)}): {time.perf_counter() - t0:.1f} s")
-    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    requests = [Request(ids, pixels, grid, sampling=params) for ids, pixels, grid in items]
+    requests = workload_requests(items, new_tokens)
     engine.generate(requests[: min(8, len(requests))])  # warm-up: kernels, allocator
     _sync(device)
     start = time.perf_counter()
@@ -277,8 +282,7 @@ def profile_ours(model, items, new_tokens: int, config: EngineConfig, device: to
     from torch.profiler import ProfilerActivity, profile
 
     engine = Engine(model, config)
-    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    requests = [Request(ids, pixels, grid, sampling=params) for ids, pixels, grid in items]
+    requests = workload_requests(items, new_tokens)
     engine.generate(requests[:2])
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -384,7 +388,8 @@ def main() -> None:
         kv_cache_bytes=None if device.type == "cuda" else 256 << 20,
     )
     best_ours = None
-    for variant in args.variants.split(","):
+    variants = args.variants.split(",")
+    for variant in variants:
         ours_s, tokens, stats = run_ours(
             model, items, args.new_tokens, variant_config(variant, base_config), device
         )
@@ -395,8 +400,8 @@ def main() -> None:
             torch.cuda.empty_cache()  # the next variant sizes its KV cache from free memory
     ours_s, ours_tokens, best_variant = best_ours
     if args.profile:
-        config_0 = variant_config(args.variants.split(",")[0], base_config)
-        profile_ours(model, items[: args.profile], args.new_tokens, config_0, device)
+        profiled = variant_config(variants[0], base_config)
+        profile_ours(model, items[: args.profile], args.new_tokens, profiled, device)
     if args.skip_hf:
         return
 
