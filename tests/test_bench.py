@@ -19,8 +19,9 @@ def run_script(*args: str, timeout: float = 600) -> str:
 
 def test_gpu_engine_bench_runs_its_cpu_smoke_and_agrees_with_transformers():
     # triton: through Triton's interpreter, which the subprocess inherits from conftest's environment
-    out = run_script("bench/gpu_engine.py", "--smoke", "--variants", "auto,triton-nographs")
+    out = run_script("bench/gpu_engine.py", "--smoke", "--variants", "auto,triton-nographs", "--profile", "2")
     assert "engine [auto]" in out and "engine start (triton attention, no CUDA graphs)" in out
+    assert "profile of 2 requests (sdpa attention, no CUDA graphs)" in out and "aten::" in out
     assert "(8/8 identical)" in out and "best transformers batch, requests/s)" in out
 
 
