@@ -77,7 +77,7 @@ def _job_from_args(args: argparse.Namespace):
     if args.prompt is not None:
         data["prompt"] = args.prompt
     apply_overrides(data, args.overrides)
-    return validate_job(data, source=f"vlbatch {args.command}")
+    return validate_job(data, source=None)  # main() names the command in front of the message
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -139,6 +139,17 @@ def main(argv: list[str] | None = None) -> int:
     except (JobSpecError, ValueError, FileNotFoundError) as e:
         print(f"vlbatch {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        from pipeline.job import JobInterrupted
+
+        done = (
+            f"{e.items_done} of {e.items} items are committed in {e.output}; "
+            if isinstance(e, JobInterrupted)
+            else ""
+        )
+        message = f"interrupted; {done}run the same command again to resume"
+        print(f"\nvlbatch {args.command}: {message}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -7,17 +7,24 @@ the decode stage uses, sizes from headers, token counts from the same prompt the
 from __future__ import annotations
 
 import json
-import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pipeline.budget import model_context
+from pipeline.job import decode_config
+from pipeline.media import error_row
 from pipeline.prepare import messages_for, visual_item
 from pipeline.sources import Item, expand_inputs
 from pipeline.writer import scan_output
 from schemas import CaptionVideosJob, OcrDocumentsJob
 
 MAX_LISTED_PROBLEMS = 50
+
+
+def error_message(uri: str, error: BaseException) -> str:
+    """The error_message the run's error row for this item would carry."""
+    return error_row({"uri": uri}, "decode", error)["error_message"]
 
 
 @dataclass
@@ -29,6 +36,19 @@ class ItemPlan:
     visual_tokens: int = 0
     prompt_tokens: int = 0  # text tokens of the prompts, chat template included
     problem: str | None = None  # what makes the item an error row instead
+    largest_unit_tokens: int = 0  # visual + prompt tokens of its largest window / page
+
+    def add_unit(self, processor, job, shape: list[int], frames: int | None = None) -> None:
+        """Count one window / page of `shape` as the prepare stage will (the model's resize included)."""
+        resized = [*processor.image_processor.resized_size(shape[-3], shape[-2]), 3]
+        count = processor.count_tokens(
+            messages_for(visual_item([*shape[:-3], *resized]), job.prompt, job.system_prompt)
+        )
+        self.units += 1
+        self.frames += frames if frames is not None else (shape[0] if len(shape) == 4 else 1)
+        self.visual_tokens += count.visual_tokens
+        self.prompt_tokens += count.text_tokens
+        self.largest_unit_tokens = max(self.largest_unit_tokens, count.num_tokens)
 
 
 @dataclass
@@ -38,6 +58,11 @@ class Plan:
     max_new_tokens: int
     items: list[ItemPlan] = field(default_factory=list)
     done_item_ids: set[str] = field(default_factory=set)  # already ok in the output: a run skips them
+    context: int = 0  # tokens one unit's sequence may hold
+
+    def largest_unit(self) -> int:
+        """Visual + prompt tokens + max_new_tokens of the largest window / page."""
+        return max((p.largest_unit_tokens for p in self.items), default=0) + self.max_new_tokens
 
     def totals(self, remaining: bool = False) -> dict[str, int]:
         chosen = [p for p in self.items if not (remaining and p.item_id in self.done_item_ids)]
@@ -61,6 +86,8 @@ class Plan:
         return json.dumps(
             {
                 "kind": self.kind,
+                "context": self.context,
+                "largest_unit_tokens": self.largest_unit(),
                 "total": self.totals(),
                 "remaining": self.totals(remaining=True),
                 "problems": problems,
@@ -83,6 +110,11 @@ class Plan:
             f"  model tokens       {t['max_model_tokens']:>14,}   (input {t['input_tokens']:,} + at most "
             f"{t['max_generated_tokens']:,} generated, {self.max_new_tokens} per {self.unit[:-1]})",
         ]
+        share = self.largest_unit() / self.context if self.context else 0.0
+        lines.append(
+            f"  model context      {self.context:>14,}   tokens per {self.unit[:-1]}; the largest takes "
+            f"{self.largest_unit():,} ({share:.0%}) with max_new_tokens"
+        )
         if self.done_item_ids:
             lines.append(
                 f"  already done       {t['items'] - left['items']:>14,}   items; the run will cost "
@@ -93,48 +125,26 @@ class Plan:
         return "\n".join(lines)
 
 
-def _video_plan(item: Item, job: CaptionVideosJob, processor) -> ItemPlan:
-    from pipeline.video import VideoDecodeConfig, check_limits, plan_windows, probe_video
+def _video_plan(item: Item, job: CaptionVideosJob, processor, cfg) -> ItemPlan:
+    from pipeline.video import check_limits, plan_windows, probe_video
 
     plan = ItemPlan(item.uri, item.item_id)
-    cfg = VideoDecodeConfig.from_job(job)
     info = probe_video(item.uri, count_frames=True)  # demuxes packets to count frames; decodes nothing
     check_limits(info, cfg)
     for window in plan_windows(info, cfg):
-        shape = [
-            len(window.frame_indices),
-            *processor.image_processor.resized_size(window.height, window.width),
-            3,
-        ]
-        count = processor.count_tokens(messages_for(visual_item(shape), job.prompt, job.system_prompt))
-        plan.units += 1
-        plan.frames += shape[0]
-        plan.visual_tokens += count.visual_tokens
-        plan.prompt_tokens += count.text_tokens
+        shape = [len(window.frame_indices), window.height, window.width, 3]
+        plan.add_unit(processor, job, shape, frames=1 if window.end_frame - window.start_frame == 1 else None)
     return plan
 
 
-def image_render_size(width: int, height: int, job: OcrDocumentsJob) -> tuple[int, int]:
-    """(height, width) the document stage gives a raster image: downscaled to the target side, capped."""
-    scale = 1.0
-    if job.dpi is None and job.target_longest_side is not None:
-        scale = min(1.0, job.target_longest_side / max(width, height))
-    if (width * scale) * (height * scale) > job.max_pixels:
-        scale = math.sqrt(job.max_pixels / (width * height))
-    if scale < 1.0:
-        return max(1, math.floor(height * scale)), max(1, math.floor(width * scale))
-    return height, width
-
-
-def _page_sizes(item: Item, job: OcrDocumentsJob) -> list[tuple[int, int]]:
+def _page_sizes(item: Item, cfg) -> list[tuple[int, int]]:
     """Rendered (height, width) of each selected page, from page boxes or image headers."""
     import pymupdf
     from PIL import Image
 
-    from pipeline.documents import IMAGE_EXTENSIONS, DocumentConfig, _open_pdf, render_scale, select_pages
+    from pipeline.documents import IMAGE_EXTENSIONS, _open_pdf, image_target_size, page_scale, select_pages
     from pipeline.media import DecodeError, local_file
 
-    cfg = DocumentConfig.from_job(job)
     with local_file(item.uri) as path:
         if Path(path).suffix.lower() in IMAGE_EXTENSIONS:
             try:
@@ -146,7 +156,7 @@ def _page_sizes(item: Item, job: OcrDocumentsJob) -> list[tuple[int, int]]:
                 raise DecodeError(f"{item.uri}: not a readable image ({e})") from e
             if width * height > cfg.max_source_pixels:
                 raise DecodeError(f"{item.uri}: image of {width}x{height} exceeds limits.max_pixels")
-            return [image_render_size(width, height, job)]
+            return [image_target_size(width, height, cfg, item.uri)]
         with _open_pdf(path, item.uri) as doc:
             pages = select_pages(cfg.page_ranges, doc.page_count)
             if not pages or len(pages) > cfg.max_pages:
@@ -154,23 +164,16 @@ def _page_sizes(item: Item, job: OcrDocumentsJob) -> list[tuple[int, int]]:
             sizes = []
             for index in pages:
                 rect = doc.load_page(index).rect
-                scale = render_scale(
-                    rect.width, rect.height, cfg.target_longest_side, cfg.dpi, cfg.max_pixels
-                )
+                scale = page_scale(rect.width, rect.height, cfg, item.uri)
                 box = (rect * pymupdf.Matrix(scale, scale)).irect  # the pixel box get_pixmap renders
                 sizes.append((box.height, box.width))
             return sizes
 
 
-def _document_plan(item: Item, job: OcrDocumentsJob, processor) -> ItemPlan:
+def _document_plan(item: Item, job: OcrDocumentsJob, processor, cfg) -> ItemPlan:
     plan = ItemPlan(item.uri, item.item_id)
-    for height, width in _page_sizes(item, job):
-        shape = [*processor.image_processor.resized_size(height, width), 3]
-        count = processor.count_tokens(messages_for(visual_item(shape), job.prompt, job.system_prompt))
-        plan.units += 1
-        plan.frames += 1
-        plan.visual_tokens += count.visual_tokens
-        plan.prompt_tokens += count.text_tokens
+    for height, width in _page_sizes(item, cfg):
+        plan.add_unit(processor, job, [height, width, 3])
     return plan
 
 
@@ -181,16 +184,18 @@ def plan_job(job: CaptionVideosJob | OcrDocumentsJob, threads: int = 8) -> Plan:
     video = isinstance(job, CaptionVideosJob)
     items = expand_inputs(job.inputs, "video" if video else "document")
     processor = Processor.from_pretrained(job.model)  # tokenizer and preprocessor config only
+    cfg = decode_config(job, processor)  # what the decode stage gets: the same windows, sizes and errors
     plan_one = _video_plan if video else _document_plan
 
     def safe(item: Item) -> ItemPlan:
         try:
-            return plan_one(item, job, processor)
+            return plan_one(item, job, processor, cfg)
         except Exception as e:
-            message = str(e) if item.uri in str(e) else f"{item.uri}: {e}"
-            return ItemPlan(item.uri, item.item_id, units=1, problem=message)
+            return ItemPlan(item.uri, item.item_id, units=1, problem=error_message(item.uri, e))
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         plans = list(pool.map(safe, items))
     done = scan_output(job.output, uri_key="uri").ok_items if Path(job.output).is_dir() else set()
-    return Plan(job.kind, "windows" if video else "pages", job.sampling.max_new_tokens, plans, done)
+    context = model_context(job.model, job.max_model_len)
+    unit = "windows" if video else "pages"
+    return Plan(job.kind, unit, job.sampling.max_new_tokens, plans, done, context)

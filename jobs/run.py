@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 
 from schemas import CaptionVideosJob, OcrDocumentsJob
+
+CONNECT_TIMEOUT_S = 5.0
 
 
 def local_cpus(job: CaptionVideosJob | OcrDocumentsJob) -> int:
@@ -31,6 +34,36 @@ def loopback_only() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+def resolve_address(address: str) -> str:
+    """HOST:PORT of a Ray address; "auto" is the cluster the last `ray start` on this machine recorded."""
+    if address != "auto":
+        return address
+    from ray._private.utils import read_ray_address
+
+    recorded = read_ray_address(None)
+    if not recorded:
+        raise ValueError(
+            "RAY_ADDRESS=auto, but no `ray start` cluster is recorded on this machine; start one, give its "
+            "address (HOST:PORT), or unset RAY_ADDRESS to run on a local Ray"
+        )
+    return recorded
+
+
+def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail at once, naming the address, where no Ray cluster listens (ray.init would retry for ever)."""
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"Ray address {address!r}: write it as HOST:PORT (e.g. HEAD:6379) or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ValueError(
+            f"no Ray cluster answers at {address} ({e.strerror or e}); start it (`ray start --head`), fix "
+            "RAY_ADDRESS / --address, or unset RAY_ADDRESS to run on a local Ray"
+        ) from None
+
+
 def connect_ray(job: CaptionVideosJob | OcrDocumentsJob | None = None, address: str | None = None) -> None:
     """Join the cluster at `address` / RAY_ADDRESS, else start a local Ray listening on 127.0.0.1 only."""
     import ray
@@ -44,10 +77,14 @@ def connect_ray(job: CaptionVideosJob | OcrDocumentsJob | None = None, address: 
             "here against the cluster's GCS address (e.g. RAY_ADDRESS=HEAD:6379 or ray://HEAD:10001)"
         )
     if address:
+        check_reachable(resolve_address(address))
         ray.init(address=address)
         return
     loopback_only()
+    # address="local": a new Ray of our own. Without it ray.init joins the cluster that the last `ray start`
+    # recorded in /tmp/ray, and waits minutes on it if that cluster was killed rather than stopped.
     ray.init(
+        address="local",
         num_cpus=local_cpus(job) if job is not None else None,
         _node_ip_address="127.0.0.1",
         dashboard_host="127.0.0.1",

@@ -18,6 +18,8 @@ import pymupdf
 from PIL import Image, ImageOps
 from pymupdf import mupdf
 
+from model.processor import IMAGE_FACTOR, smart_resize
+from pipeline.budget import TokenBudget
 from pipeline.isolation import output_array
 from pipeline.media import DecodeError, error_row, local_file
 from schemas.jobs import OcrDocumentsJob, parse_page_ranges
@@ -39,10 +41,20 @@ class DocumentConfig:
     keep_text_layer: bool = True
     max_pages: int = 2000  # selected pages per document
     max_source_pixels: int = 89_478_485  # raster inputs above this are refused (decompression bombs)
+    # The model's context: visual tokens one page may take (None: no fit), and the sentence that says why.
+    max_visual_tokens: int | None = None
+    budget_note: str = ""
+    model_pixels: tuple[int, int] | None = None  # (min, max) pixels of the model's own resize
 
     @classmethod
-    def from_job(cls, job: OcrDocumentsJob, **overrides: Any) -> DocumentConfig:
-        """The rasterise settings of an OCR job."""
+    def from_job(
+        cls,
+        job: OcrDocumentsJob,
+        budget: TokenBudget | None = None,
+        model_pixels: tuple[int, int] | None = None,
+        **overrides: Any,
+    ) -> DocumentConfig:
+        """The rasterise settings of an OCR job; with `budget`, every page is sized to fit the context."""
         values = dict(
             target_longest_side=job.target_longest_side,
             dpi=job.dpi,
@@ -51,8 +63,41 @@ class DocumentConfig:
             keep_text_layer=job.keep_text_layer,
             max_pages=job.limits.max_pages_per_document,
             max_source_pixels=job.limits.max_pixels,
+            model_pixels=model_pixels,
         )
+        if budget is not None:
+            values.update(max_visual_tokens=budget.visual_tokens, budget_note=budget.describe())
         return cls(**{**values, **overrides})
+
+    def fits(self, height: int, width: int) -> bool:
+        """Whether a page rendered at height x width stays within the visual-token budget."""
+        if self.max_visual_tokens is None:
+            return True
+        bounds = self.model_pixels or (IMAGE_FACTOR**2, 1 << 62)
+        h, w = smart_resize(height, width, IMAGE_FACTOR, *bounds)  # as the prepare stage resizes it
+        return (h // IMAGE_FACTOR) * (w // IMAGE_FACTOR) <= self.max_visual_tokens
+
+
+def fitted_scale(scale: float, width: float, height: float, cfg: DocumentConfig, uri: str) -> float:
+    """`scale` lowered until a width x height page (points or pixels) rendered at it fits the context;
+    PyMuPDF and the resize below round sides outwards, so sizes are checked rounded up."""
+    while not cfg.fits(math.ceil(height * scale), math.ceil(width * scale)):
+        if width * scale < 1 or height * scale < 1:
+            raise DecodeError(
+                f"{uri}: even a one-pixel page does not fit: {cfg.budget_note}; lower "
+                "sampling.max_new_tokens or raise max_model_len"
+            )
+        scale *= 0.98
+    return scale
+
+
+def page_scale(width_pt: float, height_pt: float, cfg: DocumentConfig, uri: str = "") -> float:
+    """Pixels per point a page of the job is rendered at: target side or dpi, under max_pixels and the
+    model's context (the decode stage and `vlbatch plan` both call this)."""
+    if width_pt <= 0 or height_pt <= 0:
+        raise ValueError(f"the page has an empty size ({width_pt}x{height_pt} pt)")
+    scale = render_scale(width_pt, height_pt, cfg.target_longest_side, cfg.dpi, cfg.max_pixels)
+    return fitted_scale(scale, width_pt, height_pt, cfg, uri)
 
 
 def render_scale(
@@ -101,6 +146,7 @@ def rasterise_page(
     dpi: float | None = None,
     max_pixels: int = 28 * 28 * 16384,
     with_text: bool = False,
+    scale: float | None = None,
 ) -> tuple[np.ndarray, str | None]:
     """(uint8 HxWx3 RGB of a page, its text layer or None); the scale is fixed before rendering, so a huge
     page never renders huge.
@@ -112,7 +158,8 @@ def rasterise_page(
     rect = page.rect
     if rect.width <= 0 or rect.height <= 0:
         raise ValueError(f"page {page.number + 1} has an empty size ({rect.width}x{rect.height} pt)")
-    scale = render_scale(rect.width, rect.height, target_longest_side, dpi, max_pixels)
+    if scale is None:
+        scale = render_scale(rect.width, rect.height, target_longest_side, dpi, max_pixels)
     display = page.get_displaylist()
     pixels = _render(display, scale)
     text = None
@@ -133,13 +180,14 @@ def select_pages(spec: str | None, page_count: int) -> list[int]:
     return list(picked)
 
 
-def image_target_size(width: int, height: int, cfg: DocumentConfig) -> tuple[int, int]:
+def image_target_size(width: int, height: int, cfg: DocumentConfig, uri: str = "") -> tuple[int, int]:
     """(height, width) a raster image of width x height (after EXIF rotation) is given to the model."""
     scale = 1.0
     if cfg.dpi is None and cfg.target_longest_side is not None:
         scale = min(1.0, cfg.target_longest_side / max(width, height))
     if (width * scale) * (height * scale) > cfg.max_pixels:
         scale = math.sqrt(cfg.max_pixels / (width * height))
+    scale = fitted_scale(scale, width, height, cfg, uri)
     if scale >= 1.0:
         return height, width
     return max(1, math.floor(height * scale)), max(1, math.floor(width * scale))
@@ -180,7 +228,7 @@ def _image_page(path: str, uri: str, cfg: DocumentConfig) -> np.ndarray:
             image = image.convert("RGB")
         except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt pixel data
             raise DecodeError(f"{uri}: image data is damaged ({e})") from e
-        height, width = image_target_size(image.width, image.height, cfg)
+        height, width = image_target_size(image.width, image.height, cfg, uri)
         if (width, height) != image.size:
             image = image.resize((width, height), resample=Image.Resampling.BICUBIC)
         return np.asarray(image)
@@ -234,8 +282,9 @@ def iter_document_pages(uri: str, cfg: DocumentConfig) -> Iterator[dict[str, Any
                 assert 0 <= index < count  # never negative, never past the end (see _open_pdf)
                 try:
                     page = doc.load_page(index)
+                    scale = page_scale(page.rect.width, page.rect.height, cfg, uri)
                     pixels, text = rasterise_page(
-                        page, cfg.target_longest_side, cfg.dpi, cfg.max_pixels, cfg.keep_text_layer
+                        page, cfg.target_longest_side, cfg.dpi, cfg.max_pixels, cfg.keep_text_layer, scale
                     )
                     row = _page_row(
                         uri, index, count, pixels, text, page.rect.width, page.rect.height, cfg, started

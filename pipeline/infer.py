@@ -103,14 +103,20 @@ class EngineBackend(Backend):
     """Continuous batching: the whole pack goes to the engine at once."""
 
     def __init__(
-        self, model_path: str, dtype: str, device: str, max_batch_tokens: int, gpu_share: float = 1.0
+        self,
+        model_path: str,
+        dtype: str,
+        device: str,
+        max_batch_tokens: int,
+        gpu_share: float = 1.0,
+        max_model_len: int | None = None,
     ):
         from model.engine import Engine, EngineConfig
         from model.tokenizer import Tokenizer
 
         super().__init__(model_path, dtype, device)
         tokenizer = Tokenizer.from_file(Path(model_path) / "tokenizer.json")
-        config = EngineConfig(max_batch_tokens=max(max_batch_tokens, 256))
+        config = EngineConfig(max_batch_tokens=max(max_batch_tokens, 256), max_model_len=max_model_len)
         if self.device.startswith("cuda") and 0 < gpu_share < 1:
             # Workers sharing a GPU each take their share of the memory free at start for the KV cache.
             config.kv_cache_fraction = 0.8 * gpu_share
@@ -192,13 +198,18 @@ def claim_fault(fault: Fault, fault_dir: str) -> bool:
 
 
 def load_backend(
-    model_path: str, dtype: str, device: str, max_batch_tokens: int, gpu_share: float = 1.0
+    model_path: str,
+    dtype: str,
+    device: str,
+    max_batch_tokens: int,
+    gpu_share: float = 1.0,
+    max_model_len: int | None = None,
 ) -> Backend:
     try:
         import model.engine  # noqa: F401
     except ImportError:
         return SimpleBackend(model_path, dtype, device)
-    return EngineBackend(model_path, dtype, device, max_batch_tokens, gpu_share)
+    return EngineBackend(model_path, dtype, device, max_batch_tokens, gpu_share, max_model_len)
 
 
 class Infer:
@@ -215,10 +226,11 @@ class Infer:
         gpu_share: float = 1.0,
         faults: tuple[Fault, ...] = (),
         fault_dir: str | None = None,
+        max_model_len: int | None = None,
     ):
         if faults and fault_dir is None:
             raise ValueError("infer fault drills need a fault_dir to count their exits in")
-        self.backend = load_backend(model_path, dtype, device, max_batch_tokens, gpu_share)
+        self.backend = load_backend(model_path, dtype, device, max_batch_tokens, gpu_share, max_model_len)
         self.sampling = Sampling.model_validate(sampling)
         self.schema = result_schema(record)
         self.faults, self.fault_dir = faults, fault_dir

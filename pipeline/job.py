@@ -22,6 +22,7 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from pipeline.budget import model_context, token_budget
 from pipeline.infer import FAULT_INFER_EXIT_ENV, Infer, model_identity
 from pipeline.isolation import DecodeFaults, IsolatedDecoder, parse_faults
 from pipeline.packing import pack_table
@@ -61,20 +62,37 @@ def unit_name(job: Job) -> str:
     return "windows" if isinstance(job, CaptionVideosJob) else "pages"
 
 
+def decode_config(job: Job, processor=None):
+    """The job's decode settings, every unit sized to fit the model's context (`vlbatch plan` uses it too)."""
+    from model.processor import Processor
+
+    processor = processor or Processor.from_pretrained(job.model)
+    budget = token_budget(job, processor)
+    ip = processor.image_processor
+    if isinstance(job, CaptionVideosJob):
+        from pipeline.video import VideoDecodeConfig
+
+        return VideoDecodeConfig.from_job(job, budget, (ip.min_pixels, ip.max_pixels))
+    from pipeline.documents import DocumentConfig
+
+    return DocumentConfig.from_job(job, budget, (ip.min_pixels, ip.max_pixels))
+
+
 def make_decoder(job: Job, isolated: bool = True) -> Callable[[], Callable]:
     """A picklable factory of the job's decode stage (built inside each decode actor).
 
     Isolated (the default): the decoder runs in one killable child process per decode actor, so a hang or
     a crash costs one item, never the worker. Fault drills (VLBATCH_FAULT_DECODE_*) are read here.
     """
+    cfg = decode_config(job)
     if isinstance(job, CaptionVideosJob):
-        from pipeline.video import DecodeVideo, VideoDecodeConfig
+        from pipeline.video import DecodeVideo
 
-        factory = functools.partial(DecodeVideo, VideoDecodeConfig.from_job(job))
+        factory = functools.partial(DecodeVideo, cfg)
     else:
-        from pipeline.documents import DocumentConfig, RasteriseDocument
+        from pipeline.documents import RasteriseDocument
 
-        factory = functools.partial(RasteriseDocument, DocumentConfig.from_job(job))
+        factory = functools.partial(RasteriseDocument, cfg)
     if not isolated:
         return factory
     limits = job.limits
@@ -163,6 +181,7 @@ def build_dataset(job: Job, items: list[Item], job_id: str, model: tuple[str, st
                 "device": device,
                 "sampling": job.sampling.model_dump(),
                 "max_batch_tokens": r.max_batch_tokens,
+                "max_model_len": model_context(job.model, job.max_model_len),
                 "gpu_share": num_gpus,
                 **infer_faults(job),
             },
@@ -345,6 +364,11 @@ def run_job(job: Job, progress: bool = True, connect: Callable[[], None] | None 
     items = expand_inputs(job.inputs, input_kind(job))  # a missing input fails here, before any work
     model = model_identity(job.model)
     out_dir = Path(job.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(
+            f"{out_dir}: the output must be a directory (Parquet files + manifest), but this is a file; "
+            "choose another --out / output"
+        )
     job_id = new_job_id(job)
     with OutputLock(out_dir):
         remove_partial_files(out_dir)
@@ -361,9 +385,19 @@ def run_job(job: Job, progress: bool = True, connect: Callable[[], None] | None 
             try:
                 if connect is not None:
                     connect()
-                run = execute(job, todo, job_id, model, out_dir, record, progress)
+                execute(job, todo, job_id, model, out_dir, record, progress, run)
             except BaseException as e:  # what was committed stays valid; the next run finishes the rest
-                manifest.save(status="failed", error=f"{type(e).__name__}: {e}"[:2000])
+                interrupted = isinstance(e, KeyboardInterrupt)
+                status = "interrupted" if interrupted else "failed"
+                error = "interrupted (Ctrl-C or SIGINT)" if interrupted else f"{type(e).__name__}: {e}"[:2000]
+                totals, errors = dataset_totals(out_dir, record)
+                this_run = {**run_record(job, job_id, manifest, items, todo, run, started), "status": status}
+                manifest.save(
+                    status=status, error=error, runs=[*manifest.data["runs"], this_run], errors=errors,
+                    counts=output_counts(job, totals),
+                )
+                if interrupted:
+                    raise JobInterrupted(out_dir, totals["items"], len(items)) from None
                 raise
         summary = JobSummary(
             job_id=job_id,
@@ -379,35 +413,12 @@ def run_job(job: Job, progress: bool = True, connect: Callable[[], None] | None 
         totals, errors = dataset_totals(out_dir, record)
         summary.totals = totals
         summary.finished = {it.item_id for it in items} <= scan_output(out_dir, uri_key="uri").items
-        this_run = {
-            "job_id": job_id,
-            "started_at": manifest.data["started_at"],
-            "finished_at": dt.datetime.now(dt.UTC).isoformat(),
-            "items": len(items),
-            "items_skipped": summary.items_skipped,
-            "items_processed": summary.items_processed,
-            unit_name(job): run.units,
-            "ok": run.ok,
-            "errors": run.errors,
-            "prompt_tokens": run.prompt_tokens,
-            "visual_tokens": run.visual_tokens,
-            "generated_tokens": run.generated_tokens,
-            "wall_s": round(summary.wall_s, 3),
-            "repeats_dropped": run.repeats,
-            "gpu_busy_s": round(run.busy_s, 3),
-            "generated_tokens_per_s": round(summary.generated_tokens_per_s, 3),
-            # per second of generate() time summed over GPU workers: compare with an engine's own benchmark
-            "generated_tokens_per_busy_s": round(run.generated_tokens / run.busy_s, 3) if run.busy_s else 0.0,
-        }
+        status = "finished" if summary.finished else "incomplete"
+        this_run = {**run_record(job, job_id, manifest, items, todo, run, started), "status": status}
         manifest.save(
-            status="finished" if summary.finished else "incomplete",
+            status=status,
             finished_at=this_run["finished_at"],
-            counts={
-                "items": totals["items"],
-                unit_name(job): totals["units"],
-                "ok": totals["ok"],
-                "errors": totals["errors"],
-            },
+            counts=output_counts(job, totals),
             tokens={k: totals[k] for k in ("prompt_tokens", "visual_tokens", "generated_tokens")},
             run=this_run,
             runs=[*manifest.data["runs"], this_run],
@@ -418,10 +429,59 @@ def run_job(job: Job, progress: bool = True, connect: Callable[[], None] | None 
     return summary
 
 
+class JobInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: what is committed stays, and rerunning the same command finishes the job."""
+
+    def __init__(self, output: Path, items_done: int, items: int):
+        super().__init__(f"{output}: {items_done} of {items} items committed")
+        self.output, self.items_done, self.items = output, items_done, items
+
+
+def output_counts(job: Job, totals: dict[str, Any]) -> dict[str, int]:
+    """The manifest's counts of what the output holds."""
+    names = {"items": "items", unit_name(job): "units", "ok": "ok", "errors": "errors"}
+    return {name: totals[key] for name, key in names.items()}
+
+
+def run_record(
+    job: Job, job_id: str, manifest: Manifest, items: list, todo: list, run: RunStats, started: float
+) -> dict[str, Any]:
+    """One entry of the manifest's `runs`: what this run did, finished or not."""
+    wall_s = time.perf_counter() - started
+    return {
+        "job_id": job_id,
+        "started_at": manifest.data["started_at"],
+        "finished_at": dt.datetime.now(dt.UTC).isoformat(),
+        "items": len(items),
+        "items_skipped": len(items) - len(todo),
+        "items_processed": len(todo),
+        unit_name(job): run.units,
+        "ok": run.ok,
+        "errors": run.errors,
+        "prompt_tokens": run.prompt_tokens,
+        "visual_tokens": run.visual_tokens,
+        "generated_tokens": run.generated_tokens,
+        "wall_s": round(wall_s, 3),
+        "repeats_dropped": run.repeats,
+        "gpu_busy_s": round(run.busy_s, 3),
+        "generated_tokens_per_s": round(run.generated_tokens / wall_s, 3) if wall_s > 0 else 0.0,
+        # per second of generate() time summed over GPU workers: compare with an engine's own benchmark
+        "generated_tokens_per_busy_s": round(run.generated_tokens / run.busy_s, 3) if run.busy_s else 0.0,
+    }
+
+
 def execute(
-    job: Job, todo: list[Item], job_id: str, model: tuple[str, str], out_dir: Path, record, progress: bool
+    job: Job,
+    todo: list[Item],
+    job_id: str,
+    model: tuple[str, str],
+    out_dir: Path,
+    record,
+    progress: bool,
+    run: RunStats | None = None,
 ) -> RunStats:
-    """Stream the dataset into the writer; items whose rows did not all arrive become one error row."""
+    """Stream the dataset into the writer, counting into `run`; items whose rows did not all arrive become
+    one error row."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
@@ -430,7 +490,7 @@ def execute(
     # A block that fails for good (a batch whose retries are spent) must not end the job: its items are
     # missing at the end of the stream and become error rows below, which the next run redoes.
     ctx.max_errored_blocks = -1
-    run = RunStats()
+    run = run if run is not None else RunStats()
     writer = DatasetWriter(
         out_dir,
         arrow_schema(record),

@@ -21,10 +21,21 @@ from typing import Any, Literal
 import av
 import numpy as np
 
-from model.processor import FRAME_FACTOR, resize_video_frames, sample_frame_indices, video_frame_size
+from model.processor import (
+    FRAME_FACTOR,
+    IMAGE_FACTOR,
+    resize_video_frames,
+    sample_frame_indices,
+    smart_resize,
+    video_frame_size,
+)
+from pipeline.budget import TokenBudget
 from pipeline.isolation import output_array
 from pipeline.media import DecodeError, error_row, local_file
 from schemas.jobs import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, VIDEO_TOTAL_PIXELS, CaptionVideosJob
+
+# Job settings the context fit treats as floors when the user set them (defaults are lowered freely).
+FIT_FLOORS = ("min_frames", "min_pixels")
 
 DECORD_CODECS = frozenset({"h264", "hevc", "vp8", "vp9"})
 DECORD_CONTAINERS = ("mp4", "mov", "matroska", "webm")  # substrings of PyAV's format names
@@ -48,10 +59,21 @@ class VideoDecodeConfig:
     max_source_pixels: int = 89_478_485
     threads: int = 0  # decoder threads; 0 lets the decoder choose
     backend: Literal["auto", "decord", "pyav"] = "auto"  # auto: decord only where it is frame-exact
+    # The model's context: visual tokens one window may take (None: no fit), and the sentence that says why.
+    max_visual_tokens: int | None = None
+    budget_note: str = ""
+    floors: tuple[str, ...] = ()  # of FIT_FLOORS: the ones the user set, which the fit must keep
+    model_pixels: tuple[int, int] | None = None  # (min, max) pixels of the model's own resize
 
     @classmethod
-    def from_job(cls, job: CaptionVideosJob, **overrides: Any) -> VideoDecodeConfig:
-        """The decode settings of a caption job."""
+    def from_job(
+        cls,
+        job: CaptionVideosJob,
+        budget: TokenBudget | None = None,
+        model_pixels: tuple[int, int] | None = None,
+        **overrides: Any,
+    ) -> VideoDecodeConfig:
+        """The decode settings of a caption job; with `budget`, every window is fitted to the context."""
         values = dict(
             fps=job.fps,
             min_frames=job.min_frames,
@@ -66,7 +88,11 @@ class VideoDecodeConfig:
             # As many decoder threads as the actor has CPUs: left to choose, FFmpeg starts one per core of
             # the node in every decode actor, and a node full of actors thrashes.
             threads=max(1, math.ceil(job.resources.cpus_per_decode_worker)),
+            floors=tuple(name for name in FIT_FLOORS if name in job.model_fields_set),
+            model_pixels=model_pixels,
         )
+        if budget is not None:
+            values.update(max_visual_tokens=budget.visual_tokens, budget_note=budget.describe())
         return cls(**{**values, **overrides})
 
 
@@ -216,13 +242,78 @@ def check_limits(info: VideoInfo, cfg: VideoDecodeConfig) -> None:
         )
 
 
-def frame_size(height: int, width: int, n_frames: int, cfg: VideoDecodeConfig) -> tuple[int, int]:
-    """(height, width) of each sampled frame: qwen-vl-utils' per-frame budget under the window's total.
+def frame_size(height: int, width: int, n_frames: int, cfg: VideoDecodeConfig, total_pixels=None):
+    """(height, width) of each sampled frame: qwen-vl-utils' per-frame budget under the window's total,
+    then the model's own resize bounds.
 
     Frames are resized here, on the CPU workers, to this final size (`resize_video_frames`), so the
     model-side processor's resize is a no-op and only uint8 pixels of the final size travel on.
     """
-    return video_frame_size(height, width, n_frames, cfg.min_pixels, cfg.max_pixels, cfg.total_pixels)
+    total = cfg.total_pixels if total_pixels is None else total_pixels
+    size = video_frame_size(height, width, n_frames, cfg.min_pixels, cfg.max_pixels, total)
+    if cfg.model_pixels is not None:
+        size = smart_resize(*size, IMAGE_FACTOR, *cfg.model_pixels)
+    return size
+
+
+def video_tokens(n_frames: int, height: int, width: int) -> int:
+    """Visual tokens of `n_frames` frames of height x width (multiples of 28): one per 2x28x28 patch."""
+    return -(-n_frames // FRAME_FACTOR) * (height // IMAGE_FACTOR) * (width // IMAGE_FACTOR)
+
+
+def fit_window(
+    info: VideoInfo, cfg: VideoDecodeConfig, start: int, count: int
+) -> tuple[list[int], int, int]:
+    """(source frame indices, height, width) of frames [start, start + count): the reference sampling, fitted
+    to the model's context.
+
+    Where the reference rules would overflow `cfg.max_visual_tokens`, frames are first made smaller (as
+    total_pixels does, down to min_pixels), then fewer (an even count, evenly spread). A window of one frame
+    shows it twice, as the model takes a still. Raises DecodeError when the user's own floors cannot fit.
+    """
+    if count == 1:
+        picks = [start] * FRAME_FACTOR
+    else:
+        picks = sample_frame_indices(
+            count, info.fps, cfg.fps, cfg.min_frames, cfg.max_frames, first_frame=start
+        )
+    height, width = frame_size(info.height, info.width, len(picks), cfg)
+    budget = cfg.max_visual_tokens
+    if budget is None or video_tokens(len(picks), height, width) <= budget:
+        return picks, height, width
+    total = min(cfg.total_pixels, max(budget, 1) * IMAGE_FACTOR**2)  # total_pixels counts tokens x 28 x 28
+    floor = FRAME_FACTOR
+    if "min_frames" in cfg.floors:
+        floor = max(floor, -(-cfg.min_frames // FRAME_FACTOR) * FRAME_FACTOR)
+    smallest = frame_size(info.height, info.width, 1 << 30, cfg, total)  # every frame at min_pixels
+    pair = video_tokens(FRAME_FACTOR, *smallest)
+    n = min(len(picks), max(floor, budget // pair * FRAME_FACTOR))
+    while n >= floor:
+        height, width = frame_size(info.height, info.width, n, cfg, total)
+        if video_tokens(n, height, width) <= budget:
+            if n < len(picks):
+                picks = sample_frame_indices(
+                    count, info.fps, cfg.fps, min(cfg.min_frames, n), n, first_frame=start
+                )
+            return picks, height, width
+        n -= FRAME_FACTOR
+    raise DecodeError(f"{info.uri}: {_fit_advice(cfg, budget, floor, pair)}")
+
+
+def _fit_advice(cfg: VideoDecodeConfig, budget: int, floor: int, pair: int) -> str:
+    """What to change when even the floors overflow: the setting and the value that would fit."""
+    need = floor // FRAME_FACTOR * pair
+    why = (
+        f"{floor} frames of at least min_pixels={cfg.min_pixels} take {need:,} visual tokens, but "
+        f"{cfg.budget_note}"
+    )
+    if budget >= pair and "min_frames" in cfg.floors and floor > FRAME_FACTOR:
+        return f"{why}; set min_frames to at most {budget // pair * FRAME_FACTOR}"
+    if "min_pixels" in cfg.floors and budget >= floor // FRAME_FACTOR:
+        per_frame = budget // (floor // FRAME_FACTOR) * IMAGE_FACTOR**2
+        return f"{why}; set min_pixels to at most {int(per_frame / 1.05)}"
+    over = need - budget
+    return f"{why}; lower sampling.max_new_tokens by at least {over:,} or raise max_model_len"
 
 
 def plan_windows(
@@ -239,15 +330,10 @@ def plan_windows(
         bounds[-1][1] = bounds.pop()[1]  # the pop runs first: [-1] is then the window before the tail
     windows = []
     for k, (start, end) in enumerate(bounds):
-        if end - start < FRAME_FACTOR:
-            raise DecodeError(f"{info.uri}: has {end - start} decodable frame(s); a video needs at least 2")
         try:
-            picks = sample_frame_indices(
-                end - start, info.fps, cfg.fps, cfg.min_frames, cfg.max_frames, first_frame=start
-            )
-            height, width = frame_size(info.height, info.width, len(picks), cfg)
+            picks, height, width = fit_window(info, cfg, start, end - start)
         except ValueError as e:
-            raise DecodeError(f"{info.uri}: {e}") from e
+            raise DecodeError(str(e) if info.uri in str(e) else f"{info.uri}: {e}") from e
         windows.append(Window(first_index + k, start, end, tuple(picks), height, width))
     return windows
 
@@ -384,6 +470,7 @@ def decode_video(uri: str, cfg: VideoDecodeConfig) -> Iterator[dict[str, Any]]:
         check_limits(info, cfg)
         windows = plan_windows(info, cfg)
         backend = choose_backend(info, cfg)
+        warning = _header_warning(info)
         done = 0
         while done < len(windows):
             todo = windows[done:]
@@ -391,19 +478,26 @@ def decode_video(uri: str, cfg: VideoDecodeConfig) -> Iterator[dict[str, Any]]:
             args = (path, todo, info, cfg) if backend == "decord" else (path, todo, info, pts, cfg)
             try:
                 for window, frames, used in source(*args):
-                    yield _window_row(uri, info, window, len(windows), frames, used, backend, started)
+                    yield _window_row(
+                        uri, info, window, len(windows), frames, used, backend, started, warning
+                    )
                     done += 1
                     started = time.perf_counter()
             except _DecordFailed:
                 backend = "pyav"  # e.g. a damaged tail decord cannot read: PyAV decodes what is there
             except _ShortStream as short:
                 start = windows[done].start_frame
-                if short.frames >= info.frame_count or short.frames - start < FRAME_FACTOR:
+                if short.frames >= info.frame_count or short.frames <= start:
                     if done:
-                        return  # the earlier windows stand; the few frames left cannot form a window
+                        return  # the earlier windows stand; no frame is left to form another
                     raise DecodeError(
                         f"{uri}: only {short.frames} frame(s) decode; the file is damaged"
                     ) from None
+                warning = (
+                    f"the stream holds {info.frame_count} frames but only the first {short.frames} decode "
+                    f"(damaged or truncated): captions cover {info.timestamp(short.frames):.1f} s of "
+                    f"{info.duration_s:.1f} s"
+                )
                 info.frame_count = short.frames
                 info.duration_s = short.frames / info.fps
                 if info.timestamps is not None:
@@ -411,6 +505,17 @@ def decode_video(uri: str, cfg: VideoDecodeConfig) -> Iterator[dict[str, Any]]:
                     pts = pts[: short.frames] if pts is not None else None
                 windows = windows[:done] + plan_windows(info, cfg, start_frame=start, first_index=done)
                 backend = "pyav"
+
+
+def _header_warning(info: VideoInfo) -> str | None:
+    """A note for the rows of a video whose container claims more frames than its stream holds."""
+    claimed = info.header_frame_count
+    if claimed is None or claimed <= info.frame_count + 1:  # some muxers count one flush frame
+        return None
+    return (
+        f"the container claims {claimed} frames but the stream holds {info.frame_count} (truncated or "
+        f"damaged): captions cover {info.duration_s:.1f} s, not {claimed / info.fps:.1f} s"
+    )
 
 
 def _window_row(
@@ -422,8 +527,11 @@ def _window_row(
     used: list[int],
     backend: str,
     started: float,
+    warning: str | None = None,
 ) -> dict[str, Any]:
     start_s, end_s = info.timestamp(window.start_frame), info.timestamp(window.end_frame)
+    if window.end_frame - window.start_frame == 1:
+        used = used[:1]  # a still: the model saw the one frame twice
     return {
         "uri": uri,
         "window_index": window.index,
@@ -446,6 +554,7 @@ def _window_row(
         "codec": info.codec,
         "decoder": backend,
         "decode_s": time.perf_counter() - started,
+        "warning": warning,
     }
 
 

@@ -23,6 +23,7 @@ from schemas.records import CaptionFields
 VIDEO_MIN_PIXELS = 128 * 28 * 28
 VIDEO_MAX_PIXELS = 768 * 28 * 28
 VIDEO_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)
+DEFAULT_CLIP_SECONDS = 120.0
 
 DEFAULT_CAPTION_PROMPT = "Describe this video in detail."
 DEFAULT_OCR_PROMPT = (
@@ -139,6 +140,13 @@ class JobBase(Strict):
     model: str  # checkpoint directory (Hugging Face layout)
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     device: Literal["auto", "cuda", "cpu"] = "auto"
+    max_model_len: int | None = Field(
+        None,
+        ge=64,
+        description="Tokens one unit's sequence may hold (visual + prompt + generated); default the "
+        "checkpoint's max_position_embeddings (32,768 for Qwen2-VL). Video windows and pages are sized so "
+        "that visual + prompt tokens + sampling.max_new_tokens fit it.",
+    )
     prompt: str | None = None  # None: the job kind's default
     system_prompt: str | None = None
     sampling: Sampling = Field(default_factory=Sampling)
@@ -157,13 +165,42 @@ class CaptionVideosJob(JobBase):
     """Caption every video, one caption per window of `clip_seconds` (the whole video when unset)."""
 
     kind: Literal["caption_videos"] = "caption_videos"
-    fps: float = Field(2.0, gt=0.0)  # frames sampled per second of video
-    min_frames: int = Field(4, ge=2)
-    max_frames: int = Field(768, ge=2)  # per window
-    min_pixels: int = Field(VIDEO_MIN_PIXELS, ge=28 * 28)  # per frame
-    max_pixels: int = Field(VIDEO_MAX_PIXELS, ge=28 * 28)  # per frame
-    total_pixels: int = Field(VIDEO_TOTAL_PIXELS, ge=28 * 28)  # all frames of one window
-    clip_seconds: float | None = Field(None, gt=0.0)
+    fps: float = Field(
+        2.0,
+        gt=0.0,
+        description="Frames sampled per second of video (a target: a window whose frames would not fit the "
+        "model's context gets fewer, evenly spread; the row's sample_fps says what was applied).",
+    )
+    min_frames: int = Field(
+        4,
+        ge=2,
+        description="Fewest frames sampled from a window. Set explicitly, it is a floor the context fit "
+        "keeps (a window that cannot fit with it is an error row naming the value that would).",
+    )
+    max_frames: int = Field(768, ge=2, description="Most frames sampled from one window.")
+    min_pixels: int = Field(
+        VIDEO_MIN_PIXELS,
+        ge=28 * 28,
+        description="Fewest pixels of a sampled frame; the context fit lowers frame sizes down to this, then "
+        "takes fewer frames. Set explicitly, it is a floor like min_frames.",
+    )
+    max_pixels: int = Field(VIDEO_MAX_PIXELS, ge=28 * 28, description="Most pixels of a sampled frame.")
+    total_pixels: int = Field(
+        VIDEO_TOTAL_PIXELS,
+        ge=28 * 28,
+        description="Most pixels of all sampled frames of one window (qwen-vl-utils' rule, made for "
+        "128k-token models); the model's context lowers it further where it must.",
+    )
+    clip_seconds: float | None = Field(
+        DEFAULT_CLIP_SECONDS,
+        gt=0.0,
+        description="Window length: one caption per clip_seconds of video (a tail shorter than min_frames "
+        "joins the window before it); null: the whole video in one window. The default, 2 minutes, gives "
+        "240 frames at 2 fps, which fill Qwen2-VL's 32k context at about 270 visual tokens per frame pair "
+        "(about 530x400 pixels at 4:3): a caption with timestamps every 2 minutes at a frame size that still "
+        "shows detail (cosmos-curate's 256-frame windows are the same size). Longer windows shrink frames; "
+        "shorter ones cost more tokens per minute of video.",
+    )
     caption_format: Literal["text", "json"] = "text"  # json: the answer is parsed into CaptionFields
 
     @model_validator(mode="after")
@@ -274,15 +311,16 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{where}: {error['msg']}"
 
 
-def validate_job(data: Any, source: str = "<job spec>") -> CaptionVideosJob | OcrDocumentsJob:
-    """A job from a parsed mapping; every error is reported with its field path and `source`."""
+def validate_job(data: Any, source: str | None = "<job spec>") -> CaptionVideosJob | OcrDocumentsJob:
+    """A job from a parsed mapping; every error is reported with its field path and `source` (the file)."""
+    where = f"{source}: " if source else ""
     if not isinstance(data, dict):
-        raise JobSpecError(f"{source}: a job spec is a mapping of keys (kind, inputs, output, model, ...)")
+        raise JobSpecError(f"{where}a job spec is a mapping of keys (kind, inputs, output, model, ...)")
     try:
         return _ADAPTER.validate_python(data)
     except ValidationError as e:
         lines = "\n".join(f"  {_describe(err)}" for err in e.errors())
-        raise JobSpecError(f"{source}: invalid job spec ({e.error_count()} error(s)):\n{lines}") from None
+        raise JobSpecError(f"{where}invalid job spec ({e.error_count()} error(s)):\n{lines}") from None
 
 
 def load_job(path: str | Path, overrides: list[str] | None = None) -> CaptionVideosJob | OcrDocumentsJob:

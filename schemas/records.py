@@ -65,6 +65,7 @@ class RecordBase(BaseModel):
     decode_s: float | None = None
     infer_s: float | None = None
     created_at: dt.datetime | None = None
+    warning: str | None = None  # an ok row whose input was damaged or cut short: what the row covers
 
 
 class CaptionRecord(RecordBase):
@@ -74,9 +75,11 @@ class CaptionRecord(RecordBase):
     num_windows: int | None = None
     start_s: float | None = None
     end_s: float | None = None
-    frame_count: int | None = None  # sampled frames fed to the model
+    frame_count: int | None = None  # sampled frames fed to the model (1: a still, shown twice)
     frame_timestamps: list[float] | None = None  # seconds, of the sampled frames
+    sample_fps: float | None = None  # frames per second of the window given to the model, as applied
     source_fps: float | None = None
+    source_frame_count: int | None = None  # frames the video's stream holds (not the container's claim)
     source_width: int | None = None
     source_height: int | None = None
     text: str | None = None  # the caption as generated

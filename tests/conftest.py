@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -30,11 +32,24 @@ def ray_local():
 
     from jobs.run import loopback_only
 
+    temp_dir = None
     if not ray.is_initialized():
         loopback_only()
-        ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+        # A temporary directory of its own (short: Ray's socket paths must stay under 108 bytes), so what
+        # other Ray clusters on the machine left in /tmp/ray never matters; address="local": never join one.
+        temp_dir = tempfile.mkdtemp(prefix="vlbt-ray-", dir="/tmp")
+        ray.init(
+            address="local",
+            num_cpus=8,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=False,
+            _temp_dir=temp_dir,
+        )
     yield ray
     ray.shutdown()
+    if temp_dir is not None:
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 # Media of the pipeline tests: (encoder, frames, fps, (width, height), B-frames). b.avi lasts 5 s, so

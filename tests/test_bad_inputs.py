@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import av
+import numpy as np
 import pytest
 from media import (
     break_xref,
@@ -45,7 +46,6 @@ VIDEO_ERRORS = {  # file -> what the error message must say after naming the fil
     "random.mp4": "not a readable video",
     "truncated.mp4": "not a readable video",  # cut in half: the index (moov) at the end is gone
     "audio_only.mp4": "has no video stream",
-    "one_frame.mp4": "a video needs at least 2",
     "zero_fps.mp4": "reports no frame rate and no duration",
 }
 DOC_ERRORS = {
@@ -157,6 +157,12 @@ def test_bad_videos_each_end_in_their_rows(videos):
             except av.InvalidDataError:  # the packet the cut went through
                 pass
     assert cut["source_frame_count"] == held < 48 and max(cut["frame_indices"]) < held
+    assert "claims 48 frames" in cut["warning"]  # flagged, not silently short
+    # One frame is a still: shown to the model twice, counted once.
+    (one,) = by_name["one_frame.mp4"]
+    assert one["status"] == "ok" and one["frame_count"] == 1 and one["frames"].shape[0] == 2
+    assert one["frame_indices"] == [0] and np.array_equal(one["frames"][0], one["frames"][1])
+    assert by_name["good.mp4"][0]["warning"] is None
 
 
 @pytest.fixture(scope="module")
