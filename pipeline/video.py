@@ -301,19 +301,20 @@ def fit_window(
 
 
 def _fit_advice(cfg: VideoDecodeConfig, budget: int, floor: int, pair: int) -> str:
-    """What to change when even the floors overflow: the setting and the value that would fit."""
+    """What to change when even the floors overflow: the settings and values that would fit."""
     need = floor // FRAME_FACTOR * pair
-    why = (
-        f"{floor} frames of at least min_pixels={cfg.min_pixels} take {need:,} visual tokens, but "
-        f"{cfg.budget_note}"
-    )
-    if budget >= pair and "min_frames" in cfg.floors and floor > FRAME_FACTOR:
-        return f"{why}; set min_frames to at most {budget // pair * FRAME_FACTOR}"
+    options = []
+    if "min_frames" in cfg.floors and budget >= pair:
+        options.append(f"min_frames to at most {budget // pair * FRAME_FACTOR}")
     if "min_pixels" in cfg.floors and budget >= floor // FRAME_FACTOR:
         per_frame = budget // (floor // FRAME_FACTOR) * IMAGE_FACTOR**2
-        return f"{why}; set min_pixels to at most {int(per_frame / 1.05)}"
-    over = need - budget
-    return f"{why}; lower sampling.max_new_tokens by at least {over:,} or raise max_model_len"
+        options.append(f"min_pixels to at most {int(per_frame / 1.05)}")  # frames may take 5% more
+    if not options:
+        options.append(f"sampling.max_new_tokens lower by at least {need - budget:,}, or raise max_model_len")
+    return (
+        f"{floor} frames of at least min_pixels={cfg.min_pixels} take {need:,} visual tokens, but "
+        f"{cfg.budget_note}; set {' or '.join(options)}"
+    )
 
 
 def plan_windows(

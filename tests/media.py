@@ -108,6 +108,34 @@ def make_video(
     return path
 
 
+def make_flat_video(path: str | Path, seconds: float, fps: int, size: tuple[int, int]) -> Path:
+    """A long h264 video that is cheap to encode: flat colours, changing every second, a corner block.
+
+    Eight frames are converted once and sent again and again, so minutes of 4K encode in seconds.
+    """
+    path = Path(path)
+    width, height = size
+    count = max(1, round(seconds * fps))
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("h264", rate=fps)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"preset": "ultrafast", "crf": "30", "g": str(fps * 10)}
+        frames = []
+        for k in range(8):
+            rgb = np.empty((height, width, 3), np.uint8)
+            rgb[:] = ((k * 37) % 256, (k * 91) % 256, (k * 53) % 256)
+            rgb[: height // 8, : width // 8] = 255
+            frames.append(av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p"))
+        for i in range(count):
+            frame = frames[(i // fps) % len(frames)]
+            frame.pts = i
+            frame.time_base = fractions.Fraction(1, fps)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return path
+
+
 def make_audio_only(path: str | Path, seconds: float = 1.0) -> Path:
     """A media file with one audio stream and no video stream."""
     path = Path(path)

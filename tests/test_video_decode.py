@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import re
 
 import av
 import numpy as np
@@ -11,6 +13,7 @@ from media import make_audio_only, make_random_bytes, make_video, read_index, st
 
 import pipeline.video as video
 from model.processor import num_sampled_frames, resize_video_frames, sample_frame_indices
+from pipeline.budget import TokenBudget
 from pipeline.media import DecodeError
 from pipeline.video import (
     DecodeVideo,
@@ -20,7 +23,9 @@ from pipeline.video import (
     frame_size,
     plan_windows,
     probe_video,
+    video_tokens,
 )
+from schemas import CaptionVideosJob
 
 N_FRAMES, FPS = 120, 24
 # (encoder, file suffix, B-frames, decoder the auto choice must pick)
@@ -293,3 +298,81 @@ def test_limits_refuse_before_decoding(tmp_path):
     ]:
         (row,) = DecodeVideo(cfg)({"uri": path, "item_id": "i"})
         assert row["status"] == "error" and fragment in row["error_message"] and path in row["error_message"]
+
+
+# -- fitting windows to the model's context -----------------------------------------------------------------
+
+BUDGET = 32_229  # Qwen2-VL's 32,768 less the default prompt's text and 512 new tokens
+
+
+def window_tokens(window) -> int:
+    return video_tokens(len(window.frame_indices), window.height, window.width)
+
+
+def test_a_window_that_fits_is_sampled_as_the_reference_does():
+    cfg = VideoDecodeConfig(clip_seconds=120.0)
+    plain = plan_windows(info_of(300, fps=10), cfg)  # 30 s: 60 frames of 768 tokens fit
+    fitted = plan_windows(info_of(300, fps=10), dataclasses.replace(cfg, max_visual_tokens=BUDGET))
+    assert fitted == plain
+
+
+def test_fit_lowers_pixels_before_frames():
+    info = info_of(1200, fps=10, width=768, height=576)  # 120 s window: 240 frames of 768 tokens overflow
+    cfg = VideoDecodeConfig(clip_seconds=120.0, max_visual_tokens=BUDGET)
+    (window,) = plan_windows(info, cfg)
+    assert len(window.frame_indices) == 240  # every frame the reference picks is kept ...
+    assert window_tokens(window) <= BUDGET  # ... at a smaller size
+    assert window.height * window.width >= cfg.min_pixels
+    unfitted = plan_windows(info, dataclasses.replace(cfg, max_visual_tokens=None))[0]
+    assert unfitted.frame_indices == window.frame_indices and window_tokens(unfitted) > BUDGET
+
+
+def test_fit_takes_fewer_frames_once_pixels_are_at_their_floor():
+    info = info_of(36_000, fps=10, width=1920, height=1080)  # one hour in one window: 768 frames
+    cfg = VideoDecodeConfig(clip_seconds=None, max_visual_tokens=BUDGET)
+    (window,) = plan_windows(info, cfg)
+    n = len(window.frame_indices)
+    assert n % 2 == 0 and n < 768 and window_tokens(window) <= BUDGET
+    assert window_tokens(window) > BUDGET - 2 * video_tokens(2, window.height, window.width)  # not too few
+    gaps = np.diff(window.frame_indices)
+    assert window.frame_indices[0] == 0 and window.frame_indices[-1] == 35_999  # ends included
+    assert gaps.max() - gaps.min() <= 1  # evenly spread
+
+
+def test_explicit_floors_that_cannot_fit_name_the_setting_and_a_value_that_fits():
+    info = info_of(12_000, fps=10, width=1920, height=1080)
+    job = CaptionVideosJob(inputs=["x.mp4"], output="o", model="m", min_frames=600, clip_seconds=None)
+    cfg = VideoDecodeConfig.from_job(job, TokenBudget(32_768, 27, 512))
+    assert cfg.floors == ("min_frames",)
+    with pytest.raises(DecodeError, match=r"set min_frames to at most (\d+)") as e:
+        plan_windows(info, cfg)
+    fits = int(re.search(r"at most (\d+)", str(e.value)).group(1))
+    assert "x.mp4" in str(e.value) and "32,768" in str(e.value)
+    (window,) = plan_windows(info, dataclasses.replace(cfg, min_frames=fits))  # the value given does fit
+    assert len(window.frame_indices) == fits and window_tokens(window) <= BUDGET
+
+    job = CaptionVideosJob(
+        inputs=["x.mp4"], output="o", model="m", min_pixels=28 * 28 * 700, min_frames=100, clip_seconds=None
+    )
+    cfg = VideoDecodeConfig.from_job(job, TokenBudget(32_768, 27, 512))
+    with pytest.raises(DecodeError, match=r"min_pixels to at most (\d+)") as e:
+        plan_windows(info, cfg)
+    fits = int(re.search(r"min_pixels to at most (\d+)", str(e.value)).group(1))
+    (window,) = plan_windows(info, dataclasses.replace(cfg, min_pixels=fits))
+    assert len(window.frame_indices) >= 100 and window_tokens(window) <= BUDGET
+    # Defaults are lowered freely: the same video with the default floors fits.
+    default = VideoDecodeConfig.from_job(
+        CaptionVideosJob(inputs=["x.mp4"], output="o", model="m"), TokenBudget(32_768, 27, 512)
+    )
+    assert default.floors == () and all(window_tokens(w) <= BUDGET for w in plan_windows(info, default))
+
+
+def test_a_budget_too_small_for_two_frames_names_max_new_tokens():
+    cfg = VideoDecodeConfig(max_visual_tokens=100, budget_note="the model's context leaves 100")
+    with pytest.raises(DecodeError, match="sampling.max_new_tokens lower by at least"):
+        plan_windows(info_of(100), cfg)
+
+
+def test_one_frame_is_a_still_shown_twice():
+    (window,) = plan_windows(info_of(1), VideoDecodeConfig(max_visual_tokens=BUDGET))
+    assert window.frame_indices == (0, 0) and (window.start_frame, window.end_frame) == (0, 1)
