@@ -283,8 +283,8 @@ def fit_window(
         return picks, height, width
     total = min(cfg.total_pixels, max(budget, 1) * IMAGE_FACTOR**2)  # total_pixels counts tokens x 28 x 28
     floor = FRAME_FACTOR
-    if "min_frames" in cfg.floors:
-        floor = max(floor, -(-cfg.min_frames // FRAME_FACTOR) * FRAME_FACTOR)
+    if "min_frames" in cfg.floors:  # a floor, but never above what the window has to give
+        floor = max(floor, min(len(picks), -(-cfg.min_frames // FRAME_FACTOR) * FRAME_FACTOR))
     smallest = frame_size(info.height, info.width, 1 << 30, cfg, total)  # every frame at min_pixels
     pair = video_tokens(FRAME_FACTOR, *smallest)
     n = min(len(picks), max(floor, budget // pair * FRAME_FACTOR))
