@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.prepare import messages_for, visual_item
 from pipeline.sources import Item, expand_inputs
 from pipeline.writer import scan_output
@@ -174,6 +175,7 @@ def _document_plan(item: Item, job: OcrDocumentsJob, processor) -> ItemPlan:
     return plan
 
 
+@storage.with_job_storage
 def plan_job(job: CaptionVideosJob | OcrDocumentsJob, threads: int = 8) -> Plan:
     """The plan of every input; an item that cannot be read counts as one error row, as in a run."""
     from model.processor import Processor
@@ -192,5 +194,5 @@ def plan_job(job: CaptionVideosJob | OcrDocumentsJob, threads: int = 8) -> Plan:
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         plans = list(pool.map(safe, items))
-    done = scan_output(job.output, uri_key="uri").ok_items if Path(job.output).is_dir() else set()
+    done = scan_output(job.output, uri_key="uri").ok_items  # an output not there yet holds nothing
     return Plan(job.kind, "windows" if video else "pages", job.sampling.max_new_tokens, plans, done)

@@ -22,6 +22,7 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from pipeline import storage
 from pipeline.infer import FAULT_INFER_EXIT_ENV, Infer, model_identity
 from pipeline.isolation import DecodeFaults, IsolatedDecoder, parse_faults
 from pipeline.packing import pack_table
@@ -31,9 +32,11 @@ from pipeline.sources import Item, expand_inputs
 from pipeline.writer import (
     MANIFEST_NAME,
     DatasetWriter,
+    OutputDir,
     OutputLock,
     drop_items,
     part_files,
+    read_json,
     remove_partial_files,
     scan_output,
     write_json_atomic,
@@ -131,6 +134,7 @@ def build_dataset(job: Job, items: list[Item], job_id: str, model: tuple[str, st
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=r.decode_workers),
         num_cpus=r.cpus_per_decode_worker,
+        **storage.worker_env(),  # decode workers fetch their items themselves
     )
     ds = ds.map_batches(
         Prepare,
@@ -244,7 +248,9 @@ class JobSummary:
         )
 
 
-def dataset_totals(out_dir: Path, record: type[CaptionRecord] | type[PageRecord]) -> tuple[dict, list[dict]]:
+def dataset_totals(
+    out_dir: OutputDir, record: type[CaptionRecord] | type[PageRecord]
+) -> tuple[dict, list[dict]]:
     """Counts and token sums over every committed row, and the first error rows."""
     if not part_files(out_dir):
         return {
@@ -268,7 +274,7 @@ def dataset_totals(out_dir: Path, record: type[CaptionRecord] | type[PageRecord]
         "visual_tokens",
         "generated_tokens",
     ]
-    table = pads.dataset(str(out_dir), format="parquet").to_table(columns=columns)
+    table = pads.dataset(out_dir.path, filesystem=out_dir.fs, format="parquet").to_table(columns=columns)
     errors = table.filter(pc.equal(table.column("status"), "error"))
 
     def total(name: str) -> int:
@@ -311,16 +317,9 @@ def item_error_row(item: Item, job_id: str, record, message: str) -> dict[str, A
 class Manifest:
     """`_manifest.json` in the output directory: spec, model, counts, throughput, errors, past runs."""
 
-    def __init__(self, out_dir: Path, job: Job, job_id: str, model_path: str, model: tuple[str, str]):
-        self.path = out_dir / MANIFEST_NAME
-        previous: dict = {}
-        if self.path.is_file():
-            import json
-
-            try:
-                previous = json.loads(self.path.read_text())
-            except ValueError:
-                previous = {}
+    def __init__(self, out_dir: OutputDir, job: Job, job_id: str, model_path: str, model: tuple[str, str]):
+        self.path = out_dir.uri(MANIFEST_NAME)
+        previous: dict = read_json(self.path) or {}
         self.data: dict[str, Any] = {
             "job_id": job_id,
             "kind": job.kind,
@@ -338,13 +337,14 @@ class Manifest:
         write_json_atomic(self.path, self.data)
 
 
+@storage.with_job_storage
 def run_job(job: Job, progress: bool = True, connect: Callable[[], None] | None = None) -> JobSummary:
     """Run `job` over every input not already done in its output; returns the summary (also printed)."""
     started = time.perf_counter()
     record = record_of(job)
     items = expand_inputs(job.inputs, input_kind(job))  # a missing input fails here, before any work
     model = model_identity(job.model)
-    out_dir = Path(job.output)
+    out_dir = OutputDir.of(job.output)
     job_id = new_job_id(job)
     with OutputLock(out_dir):
         remove_partial_files(out_dir)
@@ -419,7 +419,8 @@ def run_job(job: Job, progress: bool = True, connect: Callable[[], None] | None 
 
 
 def execute(
-    job: Job, todo: list[Item], job_id: str, model: tuple[str, str], out_dir: Path, record, progress: bool
+    job: Job, todo: list[Item], job_id: str, model: tuple[str, str], out_dir: OutputDir, record,
+    progress: bool,
 ) -> RunStats:
     """Stream the dataset into the writer; items whose rows did not all arrive become one error row."""
     from ray.data import DataContext

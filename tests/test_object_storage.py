@@ -1,0 +1,228 @@
+"""s3:// in and out, against a real S3-compatible server (moto) on 127.0.0.1: the writer's commit and lock on
+an object store, the start-up errors, and caption / OCR jobs that read from and write to it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import urllib.request
+import uuid
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import writer as writer_mod
+from pipeline.sources import expand_inputs
+from pipeline.writer import (
+    LOCK_NAME,
+    MANIFEST_NAME,
+    DatasetWriter,
+    OutputDir,
+    OutputLock,
+    drop_items,
+    part_files,
+    read_json,
+    scan_output,
+    write_json_atomic,
+)
+
+SCHEMA = pa.schema([("item_id", pa.string()), ("unit_index", pa.int64()), ("source_uri", pa.string()),
+                    ("status", pa.string())])
+
+
+def rows(item: str, n: int, status: str = "ok") -> list[dict]:
+    uri = f"/in/{item}"
+    out = [{"item_id": item, "unit_index": k, "source_uri": uri, "status": status} for k in range(n)]
+    out[-1]["units_total"] = n
+    return out
+
+
+def unique(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_writer_commits_whole_files_under_final_names_and_resumes_by_listing(s3):
+    out = s3.bucket(unique("out")) + "/run/"
+    writer = DatasetWriter(out, SCHEMA, rows_per_file=4)
+    for item in ("a", "b", "c"):
+        writer.add(rows(item, 2))
+    writer.add(rows("d", 1, status="error"))
+    writer.flush()
+    files = part_files(out)
+    assert len(files) == 2 and all(f.startswith(out) for f in files)
+    bucket = out.split("/")[2]
+    assert all(k.split("/")[-1].startswith("part-") for k in s3.keys(bucket)), "no temporary objects"
+    state = scan_output(out)
+    assert state.ok_items == {"a", "b", "c"} and state.error_items == {"d"}
+    # A retry of the same items reproduces the same name (and content): nothing is ever there twice.
+    again = DatasetWriter(out, SCHEMA, rows_per_file=4)
+    for item in ("a", "b"):
+        again.add(rows(item, 2))
+    again.flush()
+    assert part_files(out) == files
+    assert drop_items(scan_output(out), {"a", "d"}) == 3
+    table = pq.read_table(out)
+    assert sorted(table.column("item_id").to_pylist()) == ["b", "b", "c", "c"]
+
+
+def test_json_round_trips_and_is_never_left_half_written(s3):
+    out = s3.bucket(unique("out")) + "/x"
+    write_json_atomic(f"{out}/{MANIFEST_NAME}", {"status": "running"})
+    write_json_atomic(f"{out}/{MANIFEST_NAME}", {"status": "finished"})
+    assert read_json(f"{out}/{MANIFEST_NAME}") == {"status": "finished"}
+    assert read_json(f"{out}/_nothing.json") is None
+
+
+def test_lock_refuses_a_second_run_and_takes_over_dead_or_stale_ones(s3, monkeypatch):
+    monkeypatch.setattr(writer_mod, "LOCK_SETTLE_S", 0.05)
+    out = s3.bucket(unique("out")) + "/locked"
+    loc = OutputDir.of(out)
+    with OutputLock(out):
+        with pytest.raises(ValueError, match=r"another vlbatch run .* is writing here; wait for it"):
+            OutputLock(out).__enter__()
+    assert loc.read_bytes(LOCK_NAME) is None  # released on exit
+
+    def plant(holder: dict) -> None:
+        loc.write_bytes(LOCK_NAME, json.dumps(holder).encode())
+
+    # A run on another machine with a fresh heartbeat is alive; one whose heartbeat stopped is not.
+    import time
+
+    plant({"host": "elsewhere", "pid": 1, "token": "t", "heartbeat_at": time.time()})
+    with pytest.raises(ValueError, match="elsewhere"):
+        OutputLock(out).__enter__()
+    plant({"host": "elsewhere", "pid": 1, "token": "t", "heartbeat_at": time.time() - 10 * 3600})
+    with OutputLock(out) as lock:
+        assert json.loads(loc.read_bytes(LOCK_NAME))["token"] == lock.token
+    # A killed process of this host is taken over at once, as with the local lock.
+    plant({"host": socket.gethostname(), "pid": 2**22 + 12345, "token": "t", "heartbeat_at": time.time()})
+    with OutputLock(out):
+        pass
+
+
+def test_a_run_whose_lock_was_taken_over_stops_before_its_next_commit(s3, monkeypatch):
+    monkeypatch.setattr(writer_mod, "LOCK_SETTLE_S", 0.05)
+    monkeypatch.setattr(writer_mod, "LOCK_HEARTBEAT_S", 0.1)
+    out = s3.bucket(unique("out")) + "/taken"
+    loc = OutputDir.of(out)
+    with OutputLock(out) as lock:
+        thief = {"host": "elsewhere", "pid": 7, "token": "other", "heartbeat_at": 0}
+        loc.write_bytes(LOCK_NAME, json.dumps(thief).encode())
+        import time
+
+        deadline = time.monotonic() + 10
+        while lock.lost is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        writer = DatasetWriter(out, SCHEMA)
+        writer.add(rows("a", 1))
+        with pytest.raises(ValueError, match="took over the output lock"):
+            writer.flush()
+    assert part_files(out) == []
+    assert json.loads(loc.read_bytes(LOCK_NAME))["token"] == "other"  # the other run's lock is left alone
+
+
+def test_inputs_expand_from_directories_globs_and_manifests(s3, tmp_path):
+    for name in ("a.mp4", "sub/b.mkv", "sub/.hidden.mp4", "notes.txt.bak"):
+        (tmp_path / "m" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "m" / name).write_bytes(b"x" * 10)
+    (tmp_path / "m" / "list.txt").write_text("a.mp4\n# comment\nsub/b.mkv\n")
+    bucket = unique("media")
+    base = s3.upload(tmp_path / "m", bucket, "v")
+    uris = lambda inputs: [it.uri for it in expand_inputs(inputs, "video")]  # noqa: E731
+    expected = [f"{base}a.mp4", f"{base}sub/b.mkv"]
+    assert uris([base]) == expected
+    assert uris([f"{base}**/*.m*"]) == expected
+    assert uris([f"{base}list.txt"]) == expected
+    with pytest.raises(ValueError, match=rf"{base}nope.mp4 does not exist"):
+        expand_inputs([f"{base}nope.mp4"], "video")
+
+
+# --- start-up errors -------------------------------------------------------------------------------------
+
+
+def test_missing_bucket_fails_at_start_naming_it(s3):
+    missing = r"bucket 'no-such-bucket-vlb' does not exist at http://127\.0\.0\.1:\d+; create it"
+    with pytest.raises(ValueError, match=rf"output s3://no-such-bucket-vlb/out: {missing}"):
+        OutputLock("s3://no-such-bucket-vlb/out").__enter__()
+    with pytest.raises(ValueError, match=rf"input s3://no-such-bucket-vlb/in/: {missing}"):
+        expand_inputs(["s3://no-such-bucket-vlb/in/"], "video")
+
+
+def test_unreachable_endpoint_fails_fast_naming_it(s3, monkeypatch):
+    import time
+
+    dead = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=rf"output s3://bkt/out: cannot reach the endpoint {dead}; check "
+                                         "AWS_ENDPOINT_URL or the spec's storage.endpoint_url"):
+        OutputLock("s3://bkt/out").__enter__()
+    assert time.monotonic() - started < 60  # bounded retries, no endless loop (a bound, not a timing)
+
+
+PRIVATE = "vlbatch-private"
+
+
+@pytest.fixture
+def auth_enforced(s3):
+    """The S3 server checks credentials (moto's IAM mode) for the test: a user with no rights at all, and
+    a bucket `PRIVATE` that exists."""
+    import boto3
+
+    s3.bucket(PRIVATE)
+    iam = boto3.client("iam", endpoint_url=s3.endpoint, region_name="us-east-1",
+                       aws_access_key_id="x", aws_secret_access_key="x")
+    user = unique("nobody")
+    iam.create_user(UserName=user)
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+
+    def set_auth(count: str) -> None:
+        request = urllib.request.Request(f"{s3.endpoint}/moto-api/reset-auth", data=count.encode(),
+                                         method="POST", headers={"Content-Type": "text/plain"})
+        urllib.request.urlopen(request, timeout=10).read()
+
+    set_auth("0")
+    try:
+        yield key
+    finally:
+        set_auth("inf")
+
+
+def test_access_denied_fails_at_start_naming_the_uri_and_credentials(s3, auth_enforced, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", auth_enforced["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", auth_enforced["SecretAccessKey"])
+    with pytest.raises(ValueError, match=r"output s3://.*: access denied; give the job's credentials "
+                                         r"\(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"):
+        OutputLock(f"s3://{PRIVATE}/out").__enter__()
+    with pytest.raises(ValueError, match=rf"input s3://{PRIVATE}/in/: access denied"):
+        expand_inputs([f"s3://{PRIVATE}/in/"], "video")
+    secret = auth_enforced["SecretAccessKey"]
+    try:
+        OutputLock(f"s3://{PRIVATE}/out").__enter__()
+    except ValueError as e:
+        assert secret not in str(e)
+
+
+def test_credentials_in_a_uri_are_refused():
+    with pytest.raises(ValueError, match="credentials in a URI"):
+        expand_inputs(["s3://KEY:SECRET@bucket/in/"], "video")
+
+
+def test_object_read_back_with_pandas_and_pyarrow(s3):
+    out = s3.bucket(unique("out")) + "/pd"
+    writer = DatasetWriter(out, SCHEMA)
+    writer.add(rows("a", 3))
+    writer.flush()
+    write_json_atomic(f"{out}/{MANIFEST_NAME}", {"status": "finished"})
+    assert len(pd.read_parquet(out)) == 3  # the manifest and lock (leading "_") are not read as data
+    assert pq.read_table(out).num_rows == 3
+    assert os.environ["AWS_ENDPOINT_URL"] == s3.endpoint
