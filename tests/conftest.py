@@ -115,6 +115,7 @@ def pipeline_runs(pipeline_corpus, ray_local) -> dict:
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible server (moto) on 127.0.0.1 for the session: its endpoint URL."""
+    import logging
     import socket
 
     from moto.server import ThreadedMotoServer
@@ -122,6 +123,7 @@ def s3_server():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield f"http://127.0.0.1:{port}"

@@ -226,3 +226,103 @@ def test_object_read_back_with_pandas_and_pyarrow(s3):
     assert len(pd.read_parquet(out)) == 3  # the manifest and lock (leading "_") are not read as data
     assert pq.read_table(out).num_rows == 3
     assert os.environ["AWS_ENDPOINT_URL"] == s3.endpoint
+
+
+# --- whole jobs ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_corpus(s3_server, pipeline_corpus) -> str:
+    """The pipeline corpus uploaded to the S3 server, plus a broken PDF: the corpus' s3:// URI."""
+    from conftest import S3
+    from media import make_random_bytes
+
+    s3 = S3(s3_server)
+    root = pipeline_corpus["root"]
+    base = s3.upload(root / "videos", "vlbatch-media", "corpus/videos")
+    s3.upload(root / "docs", "vlbatch-media", "corpus/docs")
+    broken = root / "broken"
+    broken.mkdir(exist_ok=True)
+    make_random_bytes(broken / "zz-broken.pdf", 3000)
+    s3.upload(broken, "vlbatch-media", "corpus/broken")
+    return base.removesuffix("videos/")
+
+
+def test_caption_job_reads_and_writes_s3_and_a_rerun_does_no_work(
+    s3, s3_corpus, pipeline_corpus, ray_local, monkeypatch, capsys
+):
+    from conftest import PIPELINE_VIDEOS, S3_CREDENTIALS
+
+    from pipeline.job import run_job
+    from schemas import validate_job
+
+    # The endpoint from the job spec this time, not from the environment: the workers get it too.
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    bucket = unique("captions")
+    out = s3.bucket(bucket) + "/run/"
+    spec = {**pipeline_corpus["caption"], "inputs": [f"{s3_corpus}videos/"], "output": out,
+            "storage": {"endpoint_url": s3.endpoint}}
+    job = validate_job(spec)
+    summary = run_job(job, progress=False)
+    assert summary.finished and summary.run.errors == 0
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)  # for the readers below
+    df = pd.read_parquet(out)
+    assert set(df.uri) == {f"{s3_corpus}videos/{name}" for name in PIPELINE_VIDEOS}
+    assert (df.status == "ok").all() and not df.duplicated(["item_id", "window_index"]).any()
+    assert len(df) == summary.totals["units"] == summary.run.units == pq.read_table(out).num_rows
+    manifest = read_json(f"{out}{MANIFEST_NAME}")
+    assert manifest["status"] == "finished" and manifest["counts"]["windows"] == len(df)
+    keys = s3.keys(bucket)
+    assert f"run/{LOCK_NAME}" not in keys  # released
+    # Only results and the manifest (and the empty "run/" marker pyarrow keeps when it deletes a file).
+    assert all(k.startswith(("run/part-", f"run/{MANIFEST_NAME}")) or k == "run/" for k in keys), keys
+    # No secret in the manifest, a row or a log line.
+    secret = S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]
+    logged = capsys.readouterr()
+    assert all(secret not in text for text in (json.dumps(manifest), df.to_json(), logged.out, logged.err))
+
+    def no_ray():
+        raise AssertionError("a rerun over a finished output must not start any work")
+
+    again = run_job(job, progress=False, connect=no_ray)
+    assert again.items_processed == 0 and again.items_skipped == len(PIPELINE_VIDEOS)
+    after = s3.keys(bucket)
+    parts = {k: v for k, v in keys.items() if "part-" in k}
+    assert {k: v for k, v in after.items() if "part-" in k} == parts  # not one part file rewritten
+
+
+def test_ocr_job_on_s3_turns_a_broken_object_into_an_error_row(s3, s3_corpus, pipeline_corpus, ray_local):
+    from conftest import PIPELINE_IMAGES, PIPELINE_PDFS
+
+    from pipeline.job import run_job
+    from schemas import validate_job
+
+    out = s3.bucket(unique("pages")) + "/ocr"
+    broken = f"{s3_corpus}broken/zz-broken.pdf"
+    job = validate_job({**pipeline_corpus["ocr"], "inputs": [f"{s3_corpus}docs/", broken], "output": out})
+    summary = run_job(job, progress=False)
+    df = pd.read_parquet(out)
+    pages = sum(spec["pages"] for spec in PIPELINE_PDFS.values()) + len(PIPELINE_IMAGES)
+    assert len(df) == pages + 1 and summary.totals["errors"] == 1
+    bad = df[df.status == "error"]
+    assert bad.uri.tolist() == [broken] and bad.error_stage.tolist() == ["decode"]
+    assert bad.error_message.iloc[0].startswith(broken)
+    assert (df[df.uri != broken].status == "ok").all()
+    assert read_json(f"{out}/{MANIFEST_NAME}")["errors"][0]["uri"] == broken
+
+
+def test_job_start_errors_name_the_output_and_the_fix(s3, pipeline_corpus, monkeypatch):
+    from pipeline.job import run_job
+    from schemas import validate_job
+
+    def no_ray():
+        raise AssertionError("a job whose output is unusable must not start any work")
+
+    spec = {**pipeline_corpus["ocr"], "output": "s3://no-such-bucket-vlb/out"}
+    with pytest.raises(ValueError, match="output s3://no-such-bucket-vlb/out: bucket 'no-such-bucket-vlb'"):
+        run_job(validate_job(spec), progress=False, connect=no_ray)
+    dead = f"http://127.0.0.1:{closed_port()}"
+    spec = {**pipeline_corpus["ocr"], "output": "s3://bkt/out", "storage": {"endpoint_url": dead}}
+    with pytest.raises(ValueError, match=f"output s3://bkt/out: cannot reach the endpoint {dead}"):
+        run_job(validate_job(spec), progress=False, connect=no_ray)
+    assert os.environ["AWS_ENDPOINT_URL"] == s3.endpoint  # the spec's endpoint applied for that job only
