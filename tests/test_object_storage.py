@@ -13,6 +13,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_cluster import ray_head  # noqa: F401 (the fixture: a local Ray head for the cluster test)
 
 from pipeline import writer as writer_mod
 from pipeline.sources import expand_inputs
@@ -326,3 +327,106 @@ def test_job_start_errors_name_the_output_and_the_fix(s3, pipeline_corpus, monke
     with pytest.raises(ValueError, match=f"output s3://bkt/out: cannot reach the endpoint {dead}"):
         run_job(validate_job(spec), progress=False, connect=no_ray)
     assert os.environ["AWS_ENDPOINT_URL"] == s3.endpoint  # the spec's endpoint applied for that job only
+
+
+# --- a killed job, and a cluster, on S3 -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_job_killed_halfway_on_s3_is_finished_by_the_same_command(s3, tmp_path, tiny_checkpoint):
+    """`vlbatch run` with inputs and output on S3 is SIGKILLed after some files are committed; the same
+    command takes over the dead run's lock, does only what is missing, and leaves one row per page."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    import yaml
+    from media import make_image
+    from test_faults import ROOT, alive, descendants, spec
+
+    from pipeline.isolation import FAULT_HANG_ENV
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    names = [f"img{i:03d}.png" for i in range(70)] + ["zz-stuck.png"]  # more than one pack window
+    for i, name in enumerate(names):
+        make_image(docs / name, size=(32 + i % 5, 24), index=i)
+    bucket = unique("killed")
+    inputs = s3.upload(docs, bucket, "in")
+    out = f"s3://{bucket}/out"
+    job_yaml = tmp_path / "job.yaml"
+    job_yaml.write_text(yaml.safe_dump(spec(tiny_checkpoint, inputs, out, rows_per_file=8)))
+    ray_tmp = tempfile.mkdtemp(prefix="vlbs-", dir="/tmp")  # short: Ray's socket paths must stay short
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the S3 endpoint and credentials
+    env.update(RAY_TMPDIR=ray_tmp, HF_HUB_OFFLINE="1")
+    command = [sys.executable, "-m", "jobs.cli", "run", str(job_yaml), "--no-progress"]
+    log = tmp_path / "first.log"
+    tree = []
+    try:
+        with open(log, "wb") as sink:  # one item hangs in decode: the kill always lands mid-job
+            first = subprocess.Popen(command, cwd=ROOT, env={**env, FAULT_HANG_ENV: "zz-stuck.png"},
+                                     start_new_session=True, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while len(part_files(out)) < 2:
+                assert first.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "the first run committed nothing in time"
+                tree = descendants(first.pid) or tree
+                time.sleep(0.5)
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(timeout=30)
+        finally:
+            if first.poll() is None:
+                os.killpg(first.pid, signal.SIGKILL)
+                first.wait()
+            for p in tree:
+                if alive(p):
+                    p.kill()
+        assert f"out/{LOCK_NAME}" in s3.keys(bucket)  # the killed run never released its lock
+        killed = read_json(f"{out}/{MANIFEST_NAME}")
+        before = s3.keys(bucket, "out/part-")
+        committed = scan_output(out, uri_key="uri").ok_items
+        assert 0 < len(committed) < len(names)
+        second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    finally:
+        import shutil
+
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    m = read_json(f"{out}/{MANIFEST_NAME}")
+    assert m["status"] == "finished" and m["run"]["job_id"] != killed["job_id"]
+    assert m["run"]["items_skipped"] == len(committed)
+    after = s3.keys(bucket, "out/part-")
+    assert {k: after.get(k) for k in before} == before  # files committed before the kill are untouched
+    df = pd.read_parquet(out)
+    assert len(df) == len(names) and df.item_id.is_unique and (df.status == "ok").all()
+    assert sorted(u.rsplit("/", 1)[1] for u in df.uri) == sorted(names)
+    assert f"out/{LOCK_NAME}" not in s3.keys(bucket)
+
+
+@pytest.mark.slow
+def test_submit_to_a_ray_cluster_with_inputs_and_output_on_s3(
+    s3, s3_corpus, ray_head, pipeline_corpus, tmp_path  # noqa: F811 (s3 first: the head inherits its env)
+):
+    """`vlbatch submit` to a local head started with the S3 endpoint and credentials in its environment."""
+    import sys
+
+    import yaml
+    from test_cluster import vlbatch
+
+    address, env = ray_head
+    bucket = unique("cluster")
+    out = s3.bucket(bucket) + "/out"
+    inputs = [f"{s3_corpus}docs/e.pdf", f"{s3_corpus}docs/g.png"]
+    spec_path = tmp_path / "job.yaml"
+    spec_path.write_text(yaml.safe_dump({**pipeline_corpus["ocr"], "inputs": inputs, "output": out}))
+    sub = vlbatch(["submit", str(spec_path), "--address", address, "--python", sys.executable, "--wait"], env)
+    job_id = sub.stdout.split()[0] if sub.stdout else ""
+    logs = vlbatch(["logs", job_id, "--address", address], env).stdout if job_id else ""
+    assert sub.returncode == 0, f"{sub.stdout}\n{sub.stderr[-3000:]}\n{logs[-3000:]}"
+    assert f"{job_id}: SUCCEEDED" in sub.stdout
+    df = pd.read_parquet(out)
+    assert len(df) == 3 + 1 and (df.status == "ok").all() and set(df.uri) == set(inputs)
+    assert read_json(f"{out}/{MANIFEST_NAME}")["status"] == "finished"
