@@ -20,7 +20,8 @@ class DecodeError(ValueError):
 
 @contextmanager
 def local_file(uri: str) -> Iterator[str]:
-    """A local path holding `uri`'s bytes: the file itself, or a temporary copy of a remote object."""
+    """A local path holding `uri`'s bytes: the file itself, or a temporary copy of a remote object, fetched
+    by the worker that decodes it and deleted when the item is done."""
     fs, path, prefix = resolve(uri)
     if not prefix:
         if not os.path.isfile(path):

@@ -461,8 +461,10 @@ class DatasetWriter:
 def write_json_atomic(path: str | Path, data: dict) -> None:
     """Write JSON whole under its final name (renamed into place locally): readers never see half a file."""
     folder, name = str(path).rsplit("/", 1)
+    out = OutputDir.of(folder)
+    check_lock(out)
     text = json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"
-    OutputDir.of(folder).write_bytes(name, text.encode())
+    out.write_bytes(name, text.encode())
 
 
 def read_json(path: str | Path) -> dict | None:

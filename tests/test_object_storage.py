@@ -127,6 +127,8 @@ def test_a_run_whose_lock_was_taken_over_stops_before_its_next_commit(s3, monkey
         writer.add(rows("a", 1))
         with pytest.raises(ValueError, match="took over the output lock"):
             writer.flush()
+        with pytest.raises(ValueError, match="took over the output lock"):  # nor the manifest
+            write_json_atomic(f"{out}/{MANIFEST_NAME}", {"status": "failed"})
     assert part_files(out) == []
     assert json.loads(loc.read_bytes(LOCK_NAME))["token"] == "other"  # the other run's lock is left alone
 
@@ -310,6 +312,19 @@ def test_ocr_job_on_s3_turns_a_broken_object_into_an_error_row(s3, s3_corpus, pi
     assert bad.error_message.iloc[0].startswith(broken)
     assert (df[df.uri != broken].status == "ok").all()
     assert read_json(f"{out}/{MANIFEST_NAME}")["errors"][0]["uri"] == broken
+
+
+def test_plan_reads_s3_inputs_and_a_missing_output_prefix_as_empty(s3, s3_corpus, pipeline_corpus):
+    from conftest import PIPELINE_IMAGES, PIPELINE_PDFS
+
+    from jobs.plan import plan_job
+    from schemas import validate_job
+
+    out = s3.bucket(unique("plan")) + "/not-yet"
+    job = validate_job({**pipeline_corpus["ocr"], "inputs": [f"{s3_corpus}docs/"], "output": out})
+    totals = plan_job(job).totals()
+    assert totals["items"] == len(PIPELINE_PDFS) + len(PIPELINE_IMAGES)
+    assert totals["pages"] == sum(spec["pages"] for spec in PIPELINE_PDFS.values()) + len(PIPELINE_IMAGES)
 
 
 def test_job_start_errors_name_the_output_and_the_fix(s3, pipeline_corpus, monkeypatch):
