@@ -111,20 +111,23 @@ def resolve(uri: str, what: str = "input", from_uri=None) -> tuple[pafs.FileSyst
 
 def explain(error: OSError, uri: str, where: str) -> ValueError:
     """A ValueError naming `uri` and the fix, for the object-store failures a user can cause."""
-    text = str(error)
-    endpoint = _first_env(ENDPOINT_ENVS) or "the AWS default endpoint"
+    text, s3 = str(error), urlparse(uri).scheme.lower() == "s3"
+    endpoint = (_first_env(ENDPOINT_ENVS) or "the AWS default endpoint") if s3 else "the store"
+    credentials = ("AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the instance role" if s3
+                   else "GOOGLE_APPLICATION_CREDENTIALS or the instance's service account")
     if "NO_SUCH_BUCKET" in text or "NoSuchBucket" in text:
         bucket = urlparse(uri).netloc
         fix = f"bucket {bucket!r} does not exist at {endpoint}; create it, or fix the bucket name"
     elif any(s in text for s in DENIED_CODES):
-        fix = ("access denied; give the job's credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
-               "AWS_PROFILE or the instance role) read" + (" and write" if where.startswith("output") else "")
-               + " rights on it")
+        rights = "read and write" if where.startswith("output") else "read"
+        fix = f"access denied; give the job's credentials ({credentials}) {rights} rights on it"
     elif "NETWORK_CONNECTION" in text or "curlCode" in text or "Could not connect" in text:
         fix = (f"cannot reach the endpoint {endpoint}; check AWS_ENDPOINT_URL or the spec's "
                "storage.endpoint_url, and that the server is up")
-    else:
+    elif "://" in uri:
         fix = f"object storage refused it ({text})"
+    else:
+        fix = f"cannot read it ({text})"
     uri = redact(uri)
     return ValueError(f"{where if uri in where else f'{where} {uri}'}: {fix}")
 
