@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.budget import model_context
 from pipeline.job import decode_config
 from pipeline.media import error_row
@@ -177,6 +178,7 @@ def _document_plan(item: Item, job: OcrDocumentsJob, processor, cfg) -> ItemPlan
     return plan
 
 
+@storage.with_job_storage
 def plan_job(job: CaptionVideosJob | OcrDocumentsJob, threads: int = 8) -> Plan:
     """The plan of every input; an item that cannot be read counts as one error row, as in a run."""
     from model.processor import Processor
@@ -195,7 +197,7 @@ def plan_job(job: CaptionVideosJob | OcrDocumentsJob, threads: int = 8) -> Plan:
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         plans = list(pool.map(safe, items))
-    done = scan_output(job.output, uri_key="uri").ok_items if Path(job.output).is_dir() else set()
+    done = scan_output(job.output, uri_key="uri").ok_items  # an output not there yet holds nothing
     context = model_context(job.model, job.max_model_len)
     unit = "windows" if video else "pages"
     return Plan(job.kind, unit, job.sampling.max_new_tokens, plans, done, context)

@@ -22,6 +22,7 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from pipeline import storage
 from pipeline.budget import model_context, token_budget
 from pipeline.infer import FAULT_INFER_EXIT_ENV, Infer, model_identity
 from pipeline.isolation import DecodeFaults, IsolatedDecoder, parse_faults
@@ -32,9 +33,11 @@ from pipeline.sources import Item, expand_inputs
 from pipeline.writer import (
     MANIFEST_NAME,
     DatasetWriter,
+    OutputDir,
     OutputLock,
     drop_items,
     part_files,
+    read_json,
     remove_partial_files,
     scan_output,
     write_json_atomic,
@@ -149,6 +152,7 @@ def build_dataset(job: Job, items: list[Item], job_id: str, model: tuple[str, st
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=r.decode_workers),
         num_cpus=r.cpus_per_decode_worker,
+        **storage.worker_env(),  # decode workers fetch their items themselves
     )
     ds = ds.map_batches(
         Prepare,
@@ -263,7 +267,9 @@ class JobSummary:
         )
 
 
-def dataset_totals(out_dir: Path, record: type[CaptionRecord] | type[PageRecord]) -> tuple[dict, list[dict]]:
+def dataset_totals(
+    out_dir: OutputDir, record: type[CaptionRecord] | type[PageRecord]
+) -> tuple[dict, list[dict]]:
     """Counts and token sums over every committed row, and the first error rows."""
     if not part_files(out_dir):
         return {
@@ -287,7 +293,7 @@ def dataset_totals(out_dir: Path, record: type[CaptionRecord] | type[PageRecord]
         "visual_tokens",
         "generated_tokens",
     ]
-    table = pads.dataset(str(out_dir), format="parquet").to_table(columns=columns)
+    table = pads.dataset(out_dir.path, filesystem=out_dir.fs, format="parquet").to_table(columns=columns)
     errors = table.filter(pc.equal(table.column("status"), "error"))
 
     def total(name: str) -> int:
@@ -330,16 +336,9 @@ def item_error_row(item: Item, job_id: str, record, message: str) -> dict[str, A
 class Manifest:
     """`_manifest.json` in the output directory: spec, model, counts, throughput, errors, past runs."""
 
-    def __init__(self, out_dir: Path, job: Job, job_id: str, model_path: str, model: tuple[str, str]):
-        self.path = out_dir / MANIFEST_NAME
-        previous: dict = {}
-        if self.path.is_file():
-            import json
-
-            try:
-                previous = json.loads(self.path.read_text())
-            except ValueError:
-                previous = {}
+    def __init__(self, out_dir: OutputDir, job: Job, job_id: str, model_path: str, model: tuple[str, str]):
+        self.path = out_dir.uri(MANIFEST_NAME)
+        previous: dict = read_json(self.path) or {}
         self.data: dict[str, Any] = {
             "job_id": job_id,
             "kind": job.kind,
@@ -357,14 +356,15 @@ class Manifest:
         write_json_atomic(self.path, self.data)
 
 
+@storage.with_job_storage
 def run_job(job: Job, progress: bool = True, connect: Callable[[], None] | None = None) -> JobSummary:
     """Run `job` over every input not already done in its output; returns the summary (also printed)."""
     started = time.perf_counter()
     record = record_of(job)
     items = expand_inputs(job.inputs, input_kind(job))  # a missing input fails here, before any work
     model = model_identity(job.model)
-    out_dir = Path(job.output)
-    if out_dir.exists() and not out_dir.is_dir():
+    out_dir = OutputDir.of(job.output)
+    if out_dir.local and Path(out_dir.path).exists() and not Path(out_dir.path).is_dir():
         raise ValueError(
             f"{out_dir}: the output must be a directory (Parquet files + manifest), but this is a file; "
             "choose another --out / output"
@@ -475,7 +475,7 @@ def execute(
     todo: list[Item],
     job_id: str,
     model: tuple[str, str],
-    out_dir: Path,
+    out_dir: OutputDir,
     record,
     progress: bool,
     run: RunStats | None = None,

@@ -20,7 +20,8 @@ class DecodeError(ValueError):
 
 @contextmanager
 def local_file(uri: str) -> Iterator[str]:
-    """A local path holding `uri`'s bytes: the file itself, or a temporary copy of a remote object."""
+    """A local path holding `uri`'s bytes: the file itself, or a temporary copy of a remote object, fetched
+    by the worker that decodes it and deleted when the item is done."""
     fs, path, prefix = resolve(uri)
     if not prefix:
         if not os.path.isfile(path):
@@ -29,6 +30,17 @@ def local_file(uri: str) -> Iterator[str]:
             raise DecodeError(f"{uri}: permission denied; make the file readable by the job's user")
         yield path
         return
+    # The decoders need a seekable local file: one item's bytes at a time per worker, deleted when it is done.
+    try:
+        size = fs.get_file_info(path).size or 0
+    except OSError as e:
+        raise DecodeError(f"{uri}: cannot download ({e})") from e
+    free = shutil.disk_usage(tempfile.gettempdir()).free
+    if size > free:
+        raise DecodeError(
+            f"{uri}: {size:,} bytes do not fit in the {free:,} free bytes of {tempfile.gettempdir()}; point "
+            "TMPDIR at a larger disk"
+        )
     fd, tmp = tempfile.mkstemp(prefix="vlbatch-", suffix=os.path.splitext(path)[1])
     try:
         with os.fdopen(fd, "wb") as out, fs.open_input_stream(path) as src:

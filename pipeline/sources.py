@@ -11,9 +11,10 @@ import posixpath
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from urllib.parse import unquote, urlparse
 
 import pyarrow.fs as pafs
+
+from pipeline import storage
 
 VIDEO_EXTENSIONS = frozenset(
     ".mp4 .m4v .mkv .avi .mov .webm .mpg .mpeg .m2v .ts .mts .m2ts .wmv .asf .flv .3gp .ogv .vob".split()
@@ -42,21 +43,12 @@ def item_id_for(uri: str, size: int, mtime_ns: int | None) -> str:
 
 def filesystem_from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
     """pyarrow's filesystem for a URI with a scheme (s3://, gs://, hdfs://, ...) and the path inside it."""
-    return pafs.FileSystem.from_uri(uri)
+    return storage.filesystem_from_uri(uri)
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str, str]:
     """(filesystem, path inside it, prefix that turns such a path back into a URI) of a path or URI."""
-    if "://" in uri:
-        scheme = uri.split("://", 1)[0].lower()
-        if scheme == "file":
-            return pafs.LocalFileSystem(), os.path.abspath(unquote(urlparse(uri).path)), ""
-        try:
-            fs, path = filesystem_from_uri(uri)
-        except Exception as e:  # unknown scheme, missing credentials, bad syntax
-            raise ValueError(f"input {uri}: cannot open this URI ({e})") from e
-        return fs, path, f"{scheme}://"
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri)), ""
+    return storage.resolve(uri, "input", filesystem_from_uri)
 
 
 def _extensions(kinds: str | Iterable[str]) -> frozenset[str]:
@@ -128,7 +120,7 @@ def _expand_glob(fs: pafs.FileSystem, path: str, prefix: str, exts: frozenset[st
     try:
         infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True, recursive=recursive))
     except OSError as e:
-        raise ValueError(f"{where}: cannot list {prefix}{base} ({e})") from e
+        raise storage.explain(e, f"{prefix}{base}", where) from e
     items = []
     for info in infos:
         rel = info.path[len(base) :].lstrip("/")
@@ -144,7 +136,7 @@ def _expand_dir(fs: pafs.FileSystem, path: str, prefix: str, exts: frozenset[str
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     except OSError as e:
-        raise ValueError(f"{where}: cannot list the directory ({e})") from e
+        raise storage.explain(e, f"{prefix}{path}", where) from e
     # Dot files and dot directories are OS and editor droppings (.DS_Store, AppleDouble ._a.mp4), not media.
     items = [
         _item(info, prefix)
@@ -184,8 +176,9 @@ def _expand_one(entry: str, exts: frozenset[str], where: str, allow_manifest: bo
     try:
         info = fs.get_file_info(path)
     except OSError as e:
-        raise ValueError(f"{where}: cannot stat {entry} ({e})") from e
+        raise storage.explain(e, entry, where) from e
     if info.type == pafs.FileType.NotFound:
+        storage.check_reachable(fs, path, entry, where)  # names a missing bucket as such
         raise ValueError(f"{where}: {entry} does not exist; fix the path or remove it from the inputs")
     if info.type == pafs.FileType.Directory:
         return _expand_dir(fs, path, prefix, exts, where)

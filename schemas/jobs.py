@@ -130,6 +130,32 @@ class Limits(Strict):
     )
 
 
+class Storage(Strict):
+    """Object storage (s3://, gs://) settings that are not secrets; credentials come from the standard AWS or
+    Google environment and config chain, never from the spec."""
+
+    endpoint_url: str | None = Field(
+        None,
+        description="S3-compatible endpoint (MinIO, Ceph, R2), e.g. http://127.0.0.1:9000; overrides the "
+        "AWS_ENDPOINT_URL environment variable. None: AWS_ENDPOINT_URL, else AWS's own endpoint.",
+    )
+    region: str | None = Field(
+        None, description="S3 region; None: AWS_REGION / AWS_DEFAULT_REGION, else the SDK's default."
+    )
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _plain_endpoint(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        if not re.fullmatch(r"https?://[^/@\s]+(/[^@\s]*)?", url):
+            raise ValueError(
+                f"endpoint_url {url!r}: give http(s)://host[:port], without credentials (they are read "
+                "from the environment)"
+            )
+        return url.rstrip("/")
+
+
 class JobBase(Strict):
     """What every job has: inputs, output, model, prompt, sampling, resources and limits."""
 
@@ -152,6 +178,7 @@ class JobBase(Strict):
     sampling: Sampling = Field(default_factory=Sampling)
     resources: Resources = Field(default_factory=Resources)
     limits: Limits = Field(default_factory=Limits)
+    storage: Storage = Field(default_factory=Storage, description="Object-storage endpoint and region.")
 
     @field_validator("inputs")
     @classmethod

@@ -15,6 +15,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # defined: before any test imports model.triton_attention.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Made-up credentials of the tests' S3 server (moto accepts any). Every Ray worker of the session gets them,
+# as a node's workers get its credentials in real use; the endpoint and region reach the workers through
+# the job (pipeline.storage.worker_env), as they do in real use.
+S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "vlbatch-test-key",
+    "AWS_SECRET_ACCESS_KEY": "vlbatch-test-secret",
+    "AWS_EC2_METADATA_DISABLED": "true",  # never wait on an instance-metadata endpoint that is not there
+}
+S3_REGION = "us-east-1"
+
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
@@ -45,6 +55,7 @@ def ray_local():
             _node_ip_address="127.0.0.1",
             log_to_driver=False,
             _temp_dir=temp_dir,
+            runtime_env={"env_vars": S3_CREDENTIALS},
         )
     yield ray
     ray.shutdown()
@@ -109,3 +120,71 @@ def pipeline_runs(pipeline_corpus, ray_local) -> dict:
         job = validate_job(pipeline_corpus[kind])
         runs[kind] = (job, run_job(job, progress=False))
     return runs
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto) on 127.0.0.1 for the session: its endpoint URL."""
+    import logging
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+class S3:
+    """The test's view of the S3 server: a boto3 client (tests only) to make buckets and put objects."""
+
+    def __init__(self, endpoint: str):
+        import boto3
+
+        self.endpoint = endpoint
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name=S3_REGION,
+            aws_access_key_id=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        )
+
+    def bucket(self, name: str) -> str:
+        """Create bucket `name` (empty) if it is not there; returns its s3:// URI."""
+        existing = {b["Name"] for b in self.client.list_buckets().get("Buckets", [])}
+        if name not in existing:
+            self.client.create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    def upload(self, local_dir: Path, bucket: str, prefix: str) -> str:
+        """Every file under `local_dir` as objects under s3://bucket/prefix/; returns that URI."""
+        self.bucket(bucket)
+        for path in sorted(Path(local_dir).rglob("*")):
+            if path.is_file():
+                key = f"{prefix}/{path.relative_to(local_dir).as_posix()}"
+                self.client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+        return f"s3://{bucket}/{prefix}/"
+
+    def keys(self, bucket: str, prefix: str = "") -> dict[str, str]:
+        """{key: ETag} under a prefix."""
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return {o["Key"]: o["ETag"] for page in pages for o in page.get("Contents", [])}
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch) -> S3:
+    """The S3 server, with this process's environment pointing at it as a user's would (endpoint,
+    region, credentials); restored after the test."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", S3_REGION)
+    for key, value in S3_CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+    for key in ("AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    return S3(s3_server)

@@ -182,9 +182,10 @@ def test_limits_have_safe_defaults_and_say_what_they_do():
         assert value is not None and math.isfinite(value) and value >= 0, f"limits.{name} has no bound"
 
 
-def test_the_decode_stage_runs_isolated_with_the_jobs_limits(tmp_path, monkeypatch):
+def test_the_decode_stage_runs_isolated_with_the_jobs_limits(tmp_path, monkeypatch, tiny_checkpoint):
     monkeypatch.setenv(FAULT_EXIT_ENV, "x.pdf:3")
-    job = validate_job(spec(tmp_path, tmp_path, tmp_path / "out", decode_timeout_s=7, decode_retries=4))
+    limits = {"decode_timeout_s": 7, "decode_retries": 4}
+    job = validate_job(spec(tiny_checkpoint, tmp_path, tmp_path / "out", **limits))
     decoder = make_decoder(job)()
     try:
         assert isinstance(decoder, IsolatedDecoder)

@@ -1,0 +1,165 @@
+"""Object storage through pyarrow filesystems: which endpoint and region an s3:// URI goes to, bounded
+timeouts, and one clear error (naming the URI and the fix) for a missing bucket, denied access or an
+unreachable endpoint.
+
+Settings travel as environment variables, the AWS SDKs' own (`AWS_ENDPOINT_URL`, `AWS_REGION`), so the
+decode workers, and the decode child processes they start, resolve a URI exactly as the driver does.
+Credentials are never read here: pyarrow's AWS SDK takes them from its standard chain (environment,
+~/.aws files, instance or pod role).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from urllib.parse import unquote, urlparse
+
+import pyarrow.fs as pafs
+
+ENDPOINT_ENVS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")  # the service-specific one wins, as in the SDKs
+REGION_ENVS = ("AWS_REGION", "AWS_DEFAULT_REGION")
+CONNECT_TIMEOUT_S = 5.0
+REQUEST_TIMEOUT_S = 120.0
+DENIED_CODES = ("ACCESS_DENIED", "AccessDenied", "INVALID_ACCESS_KEY_ID", "InvalidAccessKeyId",
+                "SIGNATURE_DOES_NOT_MATCH", "SignatureDoesNotMatch", "HTTP response code 403")
+MAX_ATTEMPTS = 3  # per request, so an unreachable endpoint fails in seconds rather than retrying for minutes
+
+
+def storage_env(endpoint_url: str | None = None, region: str | None = None) -> dict[str, str]:
+    """The environment variables that carry a job spec's storage settings to every process of the job."""
+    env = {}
+    if endpoint_url:
+        env["AWS_ENDPOINT_URL"] = env["AWS_ENDPOINT_URL_S3"] = endpoint_url
+    if region:
+        env["AWS_REGION"] = env["AWS_DEFAULT_REGION"] = region
+    return env
+
+
+@contextmanager
+def storage_settings(endpoint_url: str | None = None, region: str | None = None) -> Iterator[dict[str, str]]:
+    """Apply a spec's storage settings to this process for the duration of a job (restored after)."""
+    env = storage_env(endpoint_url, region)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _first_env(names: tuple[str, ...]) -> str | None:
+    return next((os.environ[n] for n in names if os.environ.get(n)), None)
+
+
+@functools.lru_cache(maxsize=16)
+def _s3(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+    kwargs: dict = {
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        "request_timeout": REQUEST_TIMEOUT_S,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS),
+    }
+    if endpoint:
+        url = urlparse(endpoint)
+        kwargs["endpoint_override"] = url.netloc + url.path.rstrip("/")
+        kwargs["scheme"] = url.scheme or "https"
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
+
+
+def filesystem_from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    """pyarrow's filesystem for a URI with a scheme (s3://, gs://, hdfs://, ...) and the path inside it."""
+    url = urlparse(uri)
+    if url.username or url.password:
+        raise ValueError(f"{redact(uri)}: credentials in a URI would land in the output's rows and manifest; "
+                         "put them in the environment (AWS_ACCESS_KEY_ID, ...) and drop them from the URI")
+    if url.scheme.lower() == "s3" and not url.query:
+        path = (url.netloc + unquote(url.path)).rstrip("/")
+        return _s3(_first_env(ENDPOINT_ENVS), _first_env(REGION_ENVS)), path
+    return pafs.FileSystem.from_uri(uri)
+
+
+def redact(uri: str) -> str:
+    """`uri` without any user:password part, for messages."""
+    url = urlparse(uri)
+    if not (url.username or url.password):
+        return uri
+    return url._replace(netloc=url.hostname + (f":{url.port}" if url.port else "")).geturl()
+
+
+def resolve(uri: str, what: str = "input", from_uri=None) -> tuple[pafs.FileSystem, str, str]:
+    """(filesystem, path inside it, prefix that turns such a path back into a URI) of a path or URI."""
+    if "://" in uri:
+        scheme = uri.split("://", 1)[0].lower()
+        if scheme == "file":
+            return pafs.LocalFileSystem(), os.path.abspath(unquote(urlparse(uri).path)), ""
+        try:
+            fs, path = (from_uri or filesystem_from_uri)(uri)
+        except ValueError:
+            raise
+        except Exception as e:  # unknown scheme, missing credentials, bad syntax
+            raise ValueError(f"{what} {uri}: cannot open this URI ({e})") from e
+        return fs, path, f"{scheme}://"
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri)), ""
+
+
+def explain(error: OSError, uri: str, where: str) -> ValueError:
+    """A ValueError naming `uri` and the fix, for the object-store failures a user can cause."""
+    text, s3 = str(error), urlparse(uri).scheme.lower() == "s3"
+    endpoint = (_first_env(ENDPOINT_ENVS) or "the AWS default endpoint") if s3 else "the store"
+    credentials = ("AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the instance role" if s3
+                   else "GOOGLE_APPLICATION_CREDENTIALS or the instance's service account")
+    if "NO_SUCH_BUCKET" in text or "NoSuchBucket" in text:
+        bucket = urlparse(uri).netloc
+        fix = f"bucket {bucket!r} does not exist at {endpoint}; create it, or fix the bucket name"
+    elif any(s in text for s in DENIED_CODES):
+        rights = "read and write" if where.startswith("output") else "read"
+        fix = f"access denied; give the job's credentials ({credentials}) {rights} rights on it"
+    elif "NETWORK_CONNECTION" in text or "curlCode" in text or "Could not connect" in text:
+        fix = (f"cannot reach the endpoint {endpoint}; check AWS_ENDPOINT_URL or the spec's "
+               "storage.endpoint_url, and that the server is up")
+    elif "://" in uri:
+        fix = f"object storage refused it ({text})"
+    else:
+        fix = f"cannot read it ({text})"
+    uri = redact(uri)
+    return ValueError(f"{where if uri in where else f'{where} {uri}'}: {fix}")
+
+
+def check_reachable(fs: pafs.FileSystem, path: str, uri: str, where: str) -> None:
+    """Look at `uri`'s bucket and list `uri` once, so that a missing bucket, denied access or a dead endpoint
+    fails at job start (a listing alone reports a missing bucket as an empty one)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        return
+    bucket = path.split("/", 1)[0]
+    try:
+        if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise OSError(f"NO_SUCH_BUCKET: {bucket}")
+        fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+    except OSError as e:
+        raise explain(e, uri, where) from e
+
+
+def with_job_storage(fn):
+    """Run `fn(job, ...)` with the job spec's storage settings applied to this process (the driver)."""
+
+    @functools.wraps(fn)
+    def wrapper(job, *args, **kwargs):
+        with storage_settings(job.storage.endpoint_url, job.storage.region):
+            return fn(job, *args, **kwargs)
+
+    return wrapper
+
+
+def worker_env() -> dict:
+    """Ray remote args that give workers this process's endpoint and region (never credentials: each node
+    reads those from its own chain), so that workers resolve URIs as the driver does."""
+    names = (*ENDPOINT_ENVS, *REGION_ENVS)
+    env = {n: os.environ[n] for n in names if os.environ.get(n)}
+    return {"runtime_env": {"env_vars": env}} if env else {}
