@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=what)
         p.add_argument("job_id")
         _address(p, "Jobs API of the head (default: RAY_ADDRESS)")
+
+    p = sub.add_parser("report", help="an HTML page to review a job's output: samples, errors, throughput")
+    p.add_argument("out", metavar="OUT", help="the job's output directory")
+    p.add_argument("--html", default=None, metavar="FILE", help="output file (default: OUT/_report.html)")
+    p.add_argument("--samples", type=int, default=12, metavar="N", help="units shown with their media (12)")
     return parser
 
 
@@ -121,6 +126,13 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from jobs.report import write_report
+
+    print(write_report(args.out, args.html, samples=args.samples))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "caption-videos": cmd_run,
@@ -129,6 +141,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "submit": cmd_submit,
     "status": cmd_status,
     "logs": cmd_logs,
+    "report": cmd_report,
 }
 
 
