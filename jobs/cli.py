@@ -21,6 +21,13 @@ def _add_set(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_output_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress line")
+    p.add_argument(
+        "--verbose", action="store_true", help="Ray's own progress bars and log lines, not the progress line"
+    )
+
+
 def _address(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--address", default=None, help=help)
 
@@ -34,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a job spec (on RAY_ADDRESS, else a local Ray)")
     p.add_argument("spec", help="job.yaml")
     _add_set(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_output_flags(p)
 
     for name, kind, what in (
         ("caption-videos", "caption_videos", "caption videos"),
@@ -49,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout)")
         p.add_argument("--prompt", default=None)
         _add_set(p)
-        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        _add_output_flags(p)
 
     p = sub.add_parser("plan", help="what a job will cost, from metadata only (no model is loaded)")
     p.add_argument("spec", help="job.yaml")
@@ -88,7 +95,7 @@ def _job_from_args(args: argparse.Namespace):
 def cmd_run(args: argparse.Namespace) -> int:
     from jobs.run import run
 
-    summary = run(_job_from_args(args), progress=not args.no_progress)
+    summary = run(_job_from_args(args), progress=not args.no_progress, verbose=args.verbose)
     return 0 if summary.finished else 1
 
 

@@ -31,9 +31,13 @@ def loopback_only() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
-def connect_ray(job: CaptionVideosJob | OcrDocumentsJob | None = None, address: str | None = None) -> None:
+def connect_ray(
+    job: CaptionVideosJob | OcrDocumentsJob | None = None, address: str | None = None, verbose: bool = False
+) -> None:
     """Join the cluster at `address` / RAY_ADDRESS, else start a local Ray listening on 127.0.0.1 only."""
     import ray
+
+    from pipeline.progress import quiet_local_ray, ray_logging_level
 
     if ray.is_initialized():
         return
@@ -44,22 +48,30 @@ def connect_ray(job: CaptionVideosJob | OcrDocumentsJob | None = None, address: 
             "here against the cluster's GCS address (e.g. RAY_ADDRESS=HEAD:6379 or ray://HEAD:10001)"
         )
     if address:
-        ray.init(address=address)
+        ray.init(address=address, logging_level=ray_logging_level(verbose))
         return
     loopback_only()
+    quiet_local_ray(verbose)
     ray.init(
         num_cpus=local_cpus(job) if job is not None else None,
         _node_ip_address="127.0.0.1",
         dashboard_host="127.0.0.1",
         include_dashboard=False,
+        logging_level=ray_logging_level(verbose),
     )
 
 
-def run(job: CaptionVideosJob | OcrDocumentsJob, address: str | None = None, progress: bool = True):
+def run(
+    job: CaptionVideosJob | OcrDocumentsJob,
+    address: str | None = None,
+    progress: bool = True,
+    verbose: bool = False,
+):
     """Run `job` to the end and return its summary; the manifest lies beside the Parquet output."""
     from pipeline.job import run_job
 
-    return run_job(job, progress=progress, connect=lambda: connect_ray(job, address))
+    connect = lambda: connect_ray(job, address, verbose)
+    return run_job(job, progress=progress, connect=connect, verbose=verbose)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ from pipeline.isolation import DecodeFaults, IsolatedDecoder, parse_faults
 from pipeline.packing import pack_table
 from pipeline.postprocess import Postprocess
 from pipeline.prepare import BUSY_S, UNIT_ORDINAL, DecodeUnits, Prepare, error_fields, unit_key
+from pipeline.progress import ProgressLine, quiet_ray_data
 from pipeline.sources import Item, expand_inputs
 from pipeline.writer import (
     MANIFEST_NAME,
@@ -338,8 +339,12 @@ class Manifest:
         write_json_atomic(self.path, self.data)
 
 
-def run_job(job: Job, progress: bool = True, connect: Callable[[], None] | None = None) -> JobSummary:
-    """Run `job` over every input not already done in its output; returns the summary (also printed)."""
+def run_job(
+    job: Job, progress: bool = True, connect: Callable[[], None] | None = None, verbose: bool = False
+) -> JobSummary:
+    """Run `job` over every input not already done in its output; returns the summary (also printed).
+
+    `progress`: a progress line; `verbose`: Ray Data's own progress bars and log lines instead."""
     started = time.perf_counter()
     record = record_of(job)
     items = expand_inputs(job.inputs, input_kind(job))  # a missing input fails here, before any work
@@ -361,7 +366,7 @@ def run_job(job: Job, progress: bool = True, connect: Callable[[], None] | None 
             try:
                 if connect is not None:
                     connect()
-                run = execute(job, todo, job_id, model, out_dir, record, progress)
+                run = execute(job, todo, job_id, model, out_dir, record, progress, verbose)
             except BaseException as e:  # what was committed stays valid; the next run finishes the rest
                 manifest.save(status="failed", error=f"{type(e).__name__}: {e}"[:2000])
                 raise
@@ -419,18 +424,27 @@ def run_job(job: Job, progress: bool = True, connect: Callable[[], None] | None 
 
 
 def execute(
-    job: Job, todo: list[Item], job_id: str, model: tuple[str, str], out_dir: Path, record, progress: bool
+    job: Job,
+    todo: list[Item],
+    job_id: str,
+    model: tuple[str, str],
+    out_dir: Path,
+    record,
+    progress: bool,
+    verbose: bool = False,
 ) -> RunStats:
     """Stream the dataset into the writer; items whose rows did not all arrive become one error row."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    ctx.enable_progress_bars = progress
+    ctx.enable_progress_bars = progress and verbose
+    quiet_ray_data(verbose)
     ctx.execution_options.preserve_order = False
     # A block that fails for good (a batch whose retries are spent) must not end the job: its items are
     # missing at the end of the stream and become error rows below, which the next run redoes.
     ctx.max_errored_blocks = -1
     run = RunStats()
+    line = ProgressLine(job.kind, len(todo), unit_name(job)) if progress and not verbose else None
     writer = DatasetWriter(
         out_dir,
         arrow_schema(record),
@@ -438,7 +452,7 @@ def execute(
         unit_key=UNIT_ORDINAL,
         rows_per_file=job.limits.rows_per_file,
         flush_every_s=job.limits.commit_every_s,
-        on_item=run.add,
+        on_item=run.add if line is None else lambda rows: (run.add(rows), line.item(rows)),
     )
     try:
         # No prefetch: Ray's iterator would hold each block until the next one arrives, so a stalled or
@@ -446,9 +460,14 @@ def execute(
         for batch in build_dataset(job, todo, job_id, model).iter_batches(
             batch_format="pyarrow", batch_size=None, prefetch_batches=0
         ):
-            writer.add(batch.to_pylist())
+            rows = batch.to_pylist()
+            writer.add(rows)
+            if line is not None:
+                line.rows(rows)
     except BaseException:
         writer.flush()  # items that arrived whole are kept; the rest is redone by the next run
+        if line is not None:
+            line.close()
         raise
     run.repeats = writer.assembler.duplicates
     incomplete = writer.assembler.incomplete()
@@ -460,4 +479,6 @@ def execute(
         message = f"{lost} (a worker failed on it for good, see the Ray logs); the next run redoes it"
         writer.add_item([item_error_row(it, job_id, record, message)])
     writer.flush()
+    if line is not None:
+        line.close()
     return run
