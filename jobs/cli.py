@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("job_id")
         _address(p, "Jobs API of the head (default: RAY_ADDRESS)")
 
+    p = sub.add_parser("spec", help="the job spec reference: every key, its type, default and meaning")
+    p.add_argument("--reference", action="store_true", required=True, help="print it as markdown")
+
     p = sub.add_parser("report", help="an HTML page to review a job's output: samples, errors, throughput")
     p.add_argument("out", metavar="OUT", help="the job's output directory")
     p.add_argument("--html", default=None, metavar="FILE", help="output file (default: OUT/_report.html)")
@@ -133,6 +136,13 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_spec(args: argparse.Namespace) -> int:
+    from schemas.reference import job_spec_reference
+
+    print(job_spec_reference(), end="")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from jobs.report import write_report
 
@@ -149,6 +159,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "status": cmd_status,
     "logs": cmd_logs,
     "report": cmd_report,
+    "spec": cmd_spec,
 }
 
 
