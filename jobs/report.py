@@ -90,7 +90,7 @@ def pick_samples(table: pa.Table, n: int) -> list[int]:
 # ---------------------------------------------------------------- plots (inline SVG)
 
 
-def svg_bars(title: str, labels: list[str], counts: list[int], width: int = 420, height: int = 180) -> str:
+def svg_bars(title: str, labels: list[str], counts: list[int], width: int = 340, height: int = 150) -> str:
     """A bar chart with a label under each bar and its count above it."""
     if not counts:
         return f'<figure class="plot"><figcaption>{e(title)}</figcaption><p class="none">no data</p></figure>'
@@ -138,7 +138,7 @@ def histogram(title: str, values: Iterable[int | None], bins: int = 12) -> str:
 
 
 def throughput_plot(
-    stamps: list[dt.datetime], started: dt.datetime | None, unit: str, width: int = 860, height: int = 200
+    stamps: list[dt.datetime], started: dt.datetime | None, unit: str, width: int = 1040, height: int = 150
 ) -> str:
     """Units finished over time (rows' created_at, from the run's start): the slope is the throughput."""
     stamps = sorted(s for s in stamps if s is not None)
@@ -290,6 +290,11 @@ def sample_section(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 # ---------------------------------------------------------------- the page
 
 
+def _when(iso: str | None) -> str | None:
+    """An ISO timestamp to the second, as people read it."""
+    return iso[:19].replace("T", " ") + " UTC" if iso else iso
+
+
 def summary_section(manifest: dict[str, Any], unit: str) -> str:
     counts, tokens, run = manifest.get("counts", {}), manifest.get("tokens", {}), manifest.get("run", {})
     model = manifest.get("model", {})
@@ -308,15 +313,27 @@ def summary_section(manifest: dict[str, Any], unit: str) -> str:
         ("generated tokens", tokens.get("generated_tokens")),
         ("generated tokens/s (last run)", run.get("generated_tokens_per_s")),
         ("wall time (last run), s", run.get("wall_s")),
-        ("started", manifest.get("started_at")),
-        ("finished", manifest.get("finished_at")),
+        ("started (last run)", _when(manifest.get("started_at"))),
+        ("finished", _when(manifest.get("finished_at"))),
     ]
-    body = "".join(f'<tr><th>{e(k)}</th><td data-key="{e(k)}">{e(v)}</td></tr>' for k, v in cells)
+    pairs = [f'<th>{e(k)}</th><td data-key="{e(k)}">{e(v)}</td>' for k, v in cells]
+    body = "".join(f"<tr>{''.join(pairs[i : i + 3])}</tr>" for i in range(0, len(pairs), 3))
     runs = manifest.get("runs", [])
     run_rows = "".join(
-        f"<tr><td>{e(r.get('job_id'))}</td><td>{e(r.get('started_at'))}</td><td>{e(r.get('items_processed'))}"
-        f"</td><td>{e(r.get(unit))}</td><td>{e(r.get('errors'))}</td><td>{e(r.get('wall_s'))}</td>"
-        f"<td>{e(r.get('generated_tokens_per_s'))}</td></tr>"
+        "<tr>"
+        + "".join(
+            f"<td>{e(v)}</td>"
+            for v in (
+                r.get("job_id"),
+                _when(r.get("started_at")),
+                r.get("items_processed"),
+                r.get(unit),
+                r.get("errors"),
+                r.get("wall_s"),
+                r.get("generated_tokens_per_s"),
+            )
+        )
+        + "</tr>"
         for r in runs
     )
     runs_table = (
@@ -360,7 +377,7 @@ table.summary th{background:#f4f4f4;font-weight:600}
 svg text{font-size:10px;fill:#333}
 .sample{border:1px solid #ddd;border-radius:6px;padding:8px 12px;margin:12px 0}
 .pair{display:flex;gap:16px;align-items:flex-start}
-.media{flex:0 0 auto;max-width:60%}.texts{flex:1;min-width:0}
+.media{flex:0 0 auto;max-width:70%}.texts{flex:1;min-width:0}
 .frames{display:flex;flex-wrap:wrap;gap:4px}
 .frame{display:flex;flex-direction:column;align-items:center;font-size:11px}
 pre{white-space:pre-wrap;word-break:break-word;background:#f7f7f7;padding:6px;margin:0;
