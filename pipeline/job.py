@@ -27,7 +27,7 @@ from pipeline.isolation import DecodeFaults, IsolatedDecoder, parse_faults
 from pipeline.packing import pack_table
 from pipeline.postprocess import Postprocess
 from pipeline.prepare import BUSY_S, UNIT_ORDINAL, DecodeUnits, Prepare, error_fields, unit_key
-from pipeline.progress import ProgressLine, quiet_ray_data
+from pipeline.progress import ProgressLine, configure_ray_data_output
 from pipeline.sources import Item, expand_inputs
 from pipeline.writer import (
     MANIFEST_NAME,
@@ -438,7 +438,7 @@ def execute(
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = progress and verbose
-    quiet_ray_data(verbose)
+    configure_ray_data_output(verbose)
     ctx.execution_options.preserve_order = False
     # A block that fails for good (a batch whose retries are spent) must not end the job: its items are
     # missing at the end of the stream and become error rows below, which the next run redoes.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ VLBATCH = Path(sys.executable).parent / "vlbatch"
 # Ray 2.60 prints this error line once per process for every Ray Data actor pool, with no switch to turn
 # it off (ray-project/ray#57733); it is the one line a healthy run still shows.
 RAY_DATA_ACTOR_ARGS_LINE = "has constructor arguments in the object store and max_restarts > 0"
+PROGRESS = re.compile(r"^(ocr_documents: items |  (decode|prepare|infer) +)")
 
 
 class Terminal(io.StringIO):
@@ -29,22 +31,34 @@ def rows(n: int, status: str = "ok", stage: str | None = None) -> list[dict]:
     return [{"status": status, "error_stage": stage} for _ in range(n)]
 
 
-def test_on_a_terminal_the_line_is_redrawn_in_place():
+def last_block(text: str) -> list[str]:
+    """The lines a terminal shows at the end: the last block drawn, without the control sequences."""
+    return [ln.replace("\x1b[K", "") for ln in text.rstrip("\n").split("\r")[-1].split("\n")]
+
+
+def test_on_a_terminal_the_block_is_redrawn_in_place():
     out = Terminal()
     line = ProgressLine("ocr_documents", 3, "pages", stream=out)
+    line.show()  # one line before Ray reports any stage
     line.rows(rows(2))
     line.item(rows(2))
     line.rows(rows(1, "error", "decode"))
     line.item(rows(1, "error", "decode"))
+    line.stage("decode", 3, 4)
+    line.stage("infer", 4, 3)
+    line.show()
     line.close()
     text = out.getvalue()
-    assert text.startswith("\r") and text.endswith("\n") and text.count("\n") == 1
-    last = text.rstrip("\n").split("\r")[-1]
-    assert last.startswith("ocr_documents: items 2/3 | pages 3 | ")
-    assert "pages/s" in last and "errors 1 (decode 1)" in last
+    assert text.startswith("\r") and text.endswith("\n")
+    assert "\x1b[2F" in text  # the block of three lines is redrawn from its first line
+    head, decode, infer = last_block(text)
+    assert head.startswith("ocr_documents: items 2/3 | pages 3 | ")
+    assert "pages/s" in head and "errors 1 (decode 1)" in head
+    assert decode.startswith("  decode   items 3/3 in | pages 4 out | ")
+    assert infer.startswith("  infer    pages 3 out | ")
 
 
-def test_in_a_log_the_line_is_appended_at_intervals(monkeypatch):
+def test_in_a_log_the_block_is_appended_at_intervals(monkeypatch):
     monkeypatch.setattr(progress, "LOG_EVERY_S", 0.05)
     out = io.StringIO()
     line = ProgressLine("caption_videos", 2, "windows", stream=out)
@@ -53,10 +67,30 @@ def test_in_a_log_the_line_is_appended_at_intervals(monkeypatch):
     deadline = time.monotonic() + 30
     while "windows 4" not in out.getvalue() and time.monotonic() < deadline:
         time.sleep(0.05)
+    printed_before_close = out.getvalue()
     line.close()
-    lines = out.getvalue().splitlines()
-    assert "\r" not in out.getvalue() and lines
-    assert lines[-1].startswith("caption_videos: items 1/2 | windows 4 | ") and "errors 0 |" in lines[-1]
+    assert "\r" not in out.getvalue() and "\x1b" not in out.getvalue()
+    assert "caption_videos: items 1/2 | windows 4 | " in printed_before_close
+    assert out.getvalue().splitlines()[-1].startswith("caption_videos: items 1/2 | windows 4 | ")
+
+
+def test_stage_lines_count_ray_datas_rows(pipeline_corpus, ray_local, tmp_path, capsys):
+    """Ray Data's executor reports each stage's rows: at the end, every item went into decode and every
+    page came out of infer."""
+    from pipeline.job import run_job
+    from schemas import validate_job
+
+    docs = pipeline_corpus["root"] / "docs"
+    inputs = [str(docs / "f.pdf"), str(docs / "h.jpg")]
+    job = validate_job({**pipeline_corpus["ocr"], "inputs": inputs, "output": str(tmp_path / "out")})
+    summary = run_job(job, progress=True)
+    out = capsys.readouterr().out.splitlines()
+    end = out.index(summary.line())
+    head, decode, prepare, infer = out[end - 4 : end]
+    assert head.startswith("ocr_documents: items 2/2 | pages 3 | ")
+    assert decode.startswith("  decode   items 2/2 in | pages 3 out | ")
+    assert prepare.startswith("  prepare  pages 3 out | ")
+    assert infer.startswith("  infer    pages 3 out | ")
 
 
 def test_a_healthy_run_prints_its_summary_and_no_ray_noise(tmp_path, pipeline_corpus):
@@ -87,8 +121,6 @@ def test_a_healthy_run_prints_its_summary_and_no_ray_noise(tmp_path, pipeline_co
     others = [
         ln
         for ln in printed
-        if ln not in summary
-        and not ln.startswith("ocr_documents: items")
-        and RAY_DATA_ACTOR_ARGS_LINE not in ln
+        if ln not in summary and not PROGRESS.match(ln) and RAY_DATA_ACTOR_ARGS_LINE not in ln
     ]
     assert others == []
