@@ -14,13 +14,13 @@ import html
 import io
 import json
 import math
-from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from PIL import Image
 
@@ -28,6 +28,7 @@ from pipeline.writer import MANIFEST_NAME, part_files
 from schemas import CaptionVideosJob, JobSpecError, validate_job
 
 REPORT_NAME = "_report.html"  # `_`: vlbatch's own file, ignored by Parquet readers of the output
+FILES_PER_ERROR = 50  # files listed under one error message
 FRAMES_SHOWN = 8  # per window, spread over its sampled frames
 FRAME_SIDE, PAGE_SIDE = 160, 420  # longest side of the thumbnails, pixels
 SUMMARY_COLUMNS = [
@@ -77,14 +78,14 @@ def error_groups(rows: list[dict[str, Any]]) -> list[tuple[str, str, list[dict[s
     return sorted(((s, m, r) for (s, m), r in groups.items()), key=lambda g: (-len(g[2]), g[0], g[1]))
 
 
-def pick_samples(table: pa.Table, n: int) -> list[int]:
-    """Row indices of `n` ok units spread evenly over the output (errors have their own table)."""
-    ok = [i for i, s in enumerate(table.column("status").to_pylist()) if s == "ok"]
-    if n <= 0 or not ok:
+def pick_samples(ok: np.ndarray, n: int) -> list[int]:
+    """Row indices of `n` ok units (`ok`: a mask over the rows) spread evenly over the output."""
+    rows = np.flatnonzero(ok)
+    if n <= 0 or len(rows) == 0:
         return []
-    if len(ok) <= n:
-        return ok
-    return [ok[math.floor(k * len(ok) / n)] for k in range(n)]
+    if len(rows) <= n:
+        return rows.tolist()
+    return [int(rows[k * len(rows) // n]) for k in range(n)]
 
 
 # ---------------------------------------------------------------- plots (inline SVG)
@@ -120,50 +121,44 @@ def svg_bars(title: str, labels: list[str], counts: list[int], width: int = 340,
     )
 
 
-def histogram(title: str, values: Iterable[int | None], bins: int = 12) -> str:
+def histogram(title: str, values: np.ndarray, bins: int = 12) -> str:
     """Bars of a numeric column: one per value when there are few, else equal-width bins."""
-    values = [int(v) for v in values if v is not None]
-    if not values:
+    if len(values) == 0:
         return svg_bars(title, [], [])
-    distinct = sorted(set(values))
+    distinct, counts = np.unique(values.astype(np.int64), return_counts=True)
     if len(distinct) <= bins:
-        counts = Counter(values)
-        return svg_bars(title, [str(v) for v in distinct], [counts[v] for v in distinct])
-    lo, hi = distinct[0], distinct[-1]
+        return svg_bars(title, [str(v) for v in distinct], counts.tolist())
+    lo, hi = int(distinct[0]), int(distinct[-1])
     width = math.ceil((hi - lo + 1) / bins)
-    counts = [0] * bins
-    for v in values:
-        counts[min((v - lo) // width, bins - 1)] += 1
-    return svg_bars(title, [f"{lo + k * width}–{lo + (k + 1) * width - 1}" for k in range(bins)], counts)
+    binned = np.bincount(np.minimum((values.astype(np.int64) - lo) // width, bins - 1), minlength=bins)
+    return svg_bars(
+        title, [f"{lo + k * width}–{lo + (k + 1) * width - 1}" for k in range(bins)], binned.tolist()
+    )
 
 
 def throughput_plot(
-    stamps: list[dt.datetime], started: dt.datetime | None, unit: str, width: int = 1040, height: int = 150
+    seconds: np.ndarray, t0: dt.datetime | None, unit: str, width: int = 1040, height: int = 150
 ) -> str:
-    """Units finished over time (rows' created_at, from the run's start): the slope is the throughput."""
-    stamps = sorted(s for s in stamps if s is not None)
+    """Units finished over time (rows' created_at, in seconds from the run's start `t0`): the slope is the
+    throughput. The curve is sampled at a few hundred instants, however many rows there are."""
     title = f"throughput: {unit} finished over time"
-    if not stamps:
+    if len(seconds) == 0 or t0 is None:
         return svg_bars(title, [], [])
-    t0 = min(stamps[0], started) if started is not None else stamps[0]
-    seconds = [(s - t0).total_seconds() for s in stamps]
-    span = max(seconds[-1], 1e-3)
-    title += f" (mean {len(stamps) / span:.3g} {unit}/s over {span:.1f} s)"
+    seconds = np.sort(seconds)
+    span = max(float(seconds[-1]), 1e-3)
+    total = len(seconds)
+    title += f" (mean {total / span:.3g} {unit}/s over {span:.1f} s)"
     top, bottom, left, right = 16, 30, 52, 12
     plot_w, plot_h = width - left - right, height - top - bottom
-
-    def xy(t: float, n: int) -> str:
-        return f"{left + plot_w * t / span:.1f},{top + plot_h * (1 - n / len(stamps)):.1f}"
-
-    points, done = [xy(0.0, 0)], 0
-    for t in seconds:  # a step up at each finished unit
-        points.append(xy(t, done))
-        done += 1
-        points.append(xy(t, done))
+    at = np.linspace(0.0, span, 400)
+    done = np.searchsorted(seconds, at, side="right")
+    points = " ".join(
+        f"{left + plot_w * t / span:.1f},{top + plot_h * (1 - n / total):.1f}" for t, n in zip(at, done)
+    )
     axis = (
         f'<line x1="{left}" y1="{top + plot_h}" x2="{width - right}" y2="{top + plot_h}" stroke="#888"/>'
         f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#888"/>'
-        f'<text x="{left - 4}" y="{top + 4}" text-anchor="end">{len(stamps)}</text>'
+        f'<text x="{left - 4}" y="{top + 4}" text-anchor="end">{total}</text>'
         f'<text x="{left - 4}" y="{top + plot_h}" text-anchor="end">0</text>'
         f'<text x="{left}" y="{height - 8}">{e(t0.strftime("%Y-%m-%d %H:%M:%S"))} UTC</text>'
         f'<text x="{width - right}" y="{height - 8}" text-anchor="end">+{span:.1f} s</text>'
@@ -172,9 +167,21 @@ def throughput_plot(
         f'<figure class="plot wide"><figcaption>{e(title)}</figcaption>'
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" role="img">{axis}'
-        f'<polyline fill="none" stroke="#c0502e" stroke-width="2" points="{" ".join(points)}"/>'
+        f'<polyline fill="none" stroke="#c0502e" stroke-width="2" points="{points}"/>'
         "</svg></figure>"
     )
+
+
+def finish_times(table: pa.Table, started: str | None) -> tuple[np.ndarray, dt.datetime | None]:
+    """(seconds from t0 at which each row was written, t0): t0 is the last run's start, or the first row
+    when an earlier run wrote rows too."""
+    stamps = table.column("created_at").drop_null()
+    if len(stamps) == 0:
+        return np.zeros(0), None
+    micros = pc.cast(stamps, pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_numpy()
+    first = dt.datetime.fromtimestamp(int(micros.min()) / 1e6, dt.UTC)
+    t0 = min(first, dt.datetime.fromisoformat(started)) if started else first
+    return (micros - t0.timestamp() * 1e6) / 1e6, t0
 
 
 # ---------------------------------------------------------------- sampled units, decoded again
@@ -350,7 +357,12 @@ def errors_section(errors: list[dict[str, Any]]) -> str:
         return "<p class='none'>no errors</p>"
     rows = []
     for stage, message, members in error_groups(errors):
-        files = "".join(f'<li class="error-file">{e(r.get("uri"))}{e(unit_label(r))}</li>' for r in members)
+        files = "".join(
+            f'<li class="error-file">{e(r.get("uri"))}{e(unit_label(r))}</li>'
+            for r in members[:FILES_PER_ERROR]
+        )
+        if len(members) > FILES_PER_ERROR:
+            files += f"<li>and {len(members) - FILES_PER_ERROR} more</li>"
         rows.append(
             f'<tr class="error-group"><td>{e(stage)}</td><td>{len(members)}</td>'
             f"<td><pre>{e(message)}</pre><ul>{files}</ul></td></tr>"
@@ -393,36 +405,43 @@ def render_report(out_dir: str | Path, samples: int = 12) -> str:
     manifest, dataset = load_output(out_dir)
     unit = "windows" if manifest.get("kind") == "caption_videos" else "pages"
     columns = [*SUMMARY_COLUMNS, "window_index" if unit == "windows" else "page_index"]
-    table = dataset.to_table(columns=columns) if dataset is not None else pa.table({"status": []})
-    rows = table.to_pylist()
-    errors = [r for r in rows if r["status"] == "error"]
-    ok = [r for r in rows if r["status"] == "ok"]
-    chosen = pick_samples(table, samples)
+    if dataset is None:
+        return page(out_dir, manifest, unit, [], "", "", [])
+    table = dataset.to_table(columns=columns)
+    ok = pc.fill_null(pc.equal(table.column("status"), "ok"), False)
+    errors = table.filter(pc.invert(ok)).to_pylist()
+    ok_rows = table.filter(ok)
+    chosen = pick_samples(ok.to_numpy(zero_copy_only=False), samples)
     sample_rows = dataset.take(chosen).to_pylist() if chosen else []
+    finish = pc.if_else(ok, pc.fill_null(table.column("finish_reason"), "none"), "error")
+    reasons = sorted((r["values"], r["counts"]) for r in pc.value_counts(finish).to_pylist())
     plots = "".join(
         [
-            histogram(f"visual tokens per {unit[:-1]}", (r["visual_tokens"] for r in ok)),
-            histogram(f"generated tokens per {unit[:-1]}", (r["generated_tokens"] for r in ok)),
-            svg_bars(
-                "finish reasons",
-                *zip(
-                    *sorted(
-                        Counter(
-                            r["finish_reason"] or ("error" if r["status"] == "error" else "none")
-                            for r in rows
-                        ).items()
-                    )
-                )
-                if rows
-                else ([], []),
-            ),
+            histogram(f"visual tokens per {unit[:-1]}", column_values(ok_rows, "visual_tokens")),
+            histogram(f"generated tokens per {unit[:-1]}", column_values(ok_rows, "generated_tokens")),
+            svg_bars("finish reasons", [r for r, _ in reasons], [n for _, n in reasons]),
         ]
     )
+    throughput = throughput_plot(*finish_times(table, manifest.get("started_at")), unit)
+    return page(out_dir, manifest, unit, errors, plots, throughput, sample_rows)
+
+
+def column_values(table: pa.Table, name: str) -> np.ndarray:
+    return table.column(name).drop_null().to_numpy()
+
+
+def page(
+    out_dir: Path,
+    manifest: dict[str, Any],
+    unit: str,
+    errors: list[dict[str, Any]],
+    plots: str,
+    throughput: str,
+    sample_rows: list[dict[str, Any]],
+) -> str:
+    """The whole HTML document."""
     title = f"vlbatch report: {manifest.get('kind')} {manifest.get('job_id')}"
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    stamps = [r["created_at"] for r in rows]
-    started = manifest.get("started_at")
-    started = dt.datetime.fromisoformat(started) if started else None
     return (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>'
         f"<style>{STYLE}</style></head><body><h1>{e(title)}</h1>"
@@ -430,7 +449,7 @@ def render_report(out_dir: str | Path, samples: int = 12) -> str:
         f"<h2>summary</h2>{summary_section(manifest, unit)}"
         f"<h2>errors</h2>{errors_section(errors)}"
         f'<h2>tokens and finish reasons</h2><div class="plots">{plots}</div>'
-        f'<h2>throughput</h2><div class="plots">{throughput_plot(stamps, started, unit)}</div>'
+        f'<h2>throughput</h2><div class="plots">{throughput}</div>'
         f"<h2>sample of {len(sample_rows)} {e(unit)}</h2>{sample_section(manifest, sample_rows)}"
         "</body></html>\n"
     )
