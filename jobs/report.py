@@ -58,9 +58,12 @@ def thumb(pixels: np.ndarray, kind: str, side: int, alt: str) -> str:
 # ---------------------------------------------------------------- reading the output
 
 
-def load_output(out_dir: Path) -> tuple[dict[str, Any], pads.Dataset | None]:
+def load_output(out_dir: str | Path) -> tuple[dict[str, Any], pads.Dataset | None]:
     """(manifest, the committed Parquet files as one dataset, None if none yet); ValueError naming the
     directory when it holds no job output."""
+    if "://" in str(out_dir):
+        raise ValueError(f"{out_dir}: the report reads a local output directory; copy the output here first")
+    out_dir = Path(out_dir)
     manifest_path = out_dir / MANIFEST_NAME
     if not manifest_path.is_file():
         raise ValueError(f"{out_dir}: no {MANIFEST_NAME}; give the --out directory of a vlbatch job")
@@ -401,8 +404,8 @@ img.page{border:1px solid #ccc}
 
 def render_report(out_dir: str | Path, samples: int = 12) -> str:
     """The HTML report of the output in `out_dir` (a string holding the whole self-contained page)."""
-    out_dir = Path(out_dir)
     manifest, dataset = load_output(out_dir)
+    out_dir = Path(out_dir)
     unit = "windows" if manifest.get("kind") == "caption_videos" else "pages"
     columns = [*SUMMARY_COLUMNS, "window_index" if unit == "windows" else "page_index"]
     if dataset is None:
