@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench clean browser
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -19,7 +19,11 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: $(STAMP) lint
+# Headless Chromium renders the HTML report in its test (Debian's package; CI runs as root in a fresh clone).
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+
+test: $(STAMP) lint browser
 	$(VENV)/bin/pytest -q
 
 demo: $(STAMP)

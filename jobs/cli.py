@@ -21,6 +21,13 @@ def _add_set(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_output_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress line")
+    p.add_argument(
+        "--verbose", action="store_true", help="Ray's own progress bars and log lines, not the progress line"
+    )
+
+
 def _address(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--address", default=None, help=help)
 
@@ -34,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a job spec (on RAY_ADDRESS, else a local Ray)")
     p.add_argument("spec", help="job.yaml")
     _add_set(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_output_flags(p)
 
     for name, kind, what in (
         ("caption-videos", "caption_videos", "caption videos"),
@@ -49,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout)")
         p.add_argument("--prompt", default=None)
         _add_set(p)
-        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        _add_output_flags(p)
 
     p = sub.add_parser("plan", help="what a job will cost, from metadata only (no model is loaded)")
     p.add_argument("spec", help="job.yaml")
@@ -67,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=what)
         p.add_argument("job_id")
         _address(p, "Jobs API of the head (default: RAY_ADDRESS)")
+
+    p = sub.add_parser("spec", help="the job spec reference: every key, its type, default and meaning")
+    p.add_argument("--reference", action="store_true", required=True, help="print it as markdown")
+
+    p = sub.add_parser("report", help="an HTML page to review a job's output: samples, errors, throughput")
+    p.add_argument("out", metavar="OUT", help="the job's output directory")
+    p.add_argument("--html", default=None, metavar="FILE", help="output file (default: OUT/_report.html)")
+    p.add_argument("--samples", type=int, default=12, metavar="N", help="units shown with their media (12)")
     return parser
 
 
@@ -83,7 +98,7 @@ def _job_from_args(args: argparse.Namespace):
 def cmd_run(args: argparse.Namespace) -> int:
     from jobs.run import run
 
-    summary = run(_job_from_args(args), progress=not args.no_progress)
+    summary = run(_job_from_args(args), progress=not args.no_progress, verbose=args.verbose)
     return 0 if summary.finished else 1
 
 
@@ -121,6 +136,20 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_spec(args: argparse.Namespace) -> int:
+    from schemas.reference import job_spec_reference
+
+    print(job_spec_reference(), end="")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from jobs.report import write_report
+
+    print(write_report(args.out, args.html, samples=args.samples))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "caption-videos": cmd_run,
@@ -129,6 +158,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "submit": cmd_submit,
     "status": cmd_status,
     "logs": cmd_logs,
+    "report": cmd_report,
+    "spec": cmd_spec,
 }
 
 

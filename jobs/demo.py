@@ -163,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         run(job)
     show(root / "captions", "video window")
     show(root / "pages", "document page")
+    from jobs.report import write_report
+
+    reports = [write_report(root / name, samples=6) for name in ("captions", "pages")]
+    print("\nReports (open in a browser):", *reports)
     print(f"\nParquet datasets: {root / 'captions'} and {root / 'pages'} (manifests: _manifest.json in each)")
     print(REAL_MODEL_HINT)
     return 0

@@ -64,9 +64,13 @@ def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         ) from None
 
 
-def connect_ray(job: CaptionVideosJob | OcrDocumentsJob | None = None, address: str | None = None) -> None:
+def connect_ray(
+    job: CaptionVideosJob | OcrDocumentsJob | None = None, address: str | None = None, verbose: bool = False
+) -> None:
     """Join the cluster at `address` / RAY_ADDRESS, else start a local Ray listening on 127.0.0.1 only."""
     import ray
+
+    from pipeline.progress import quiet_local_ray, ray_logging_level
 
     if ray.is_initialized():
         return
@@ -78,9 +82,10 @@ def connect_ray(job: CaptionVideosJob | OcrDocumentsJob | None = None, address: 
         )
     if address:
         check_reachable(resolve_address(address))
-        ray.init(address=address)
+        ray.init(address=address, logging_level=ray_logging_level(verbose))
         return
     loopback_only()
+    quiet_local_ray(verbose)
     # address="local": a new Ray of our own. Without it ray.init joins the cluster that the last `ray start`
     # recorded in /tmp/ray, and waits minutes on it if that cluster was killed rather than stopped.
     ray.init(
@@ -89,14 +94,21 @@ def connect_ray(job: CaptionVideosJob | OcrDocumentsJob | None = None, address: 
         _node_ip_address="127.0.0.1",
         dashboard_host="127.0.0.1",
         include_dashboard=False,
+        logging_level=ray_logging_level(verbose),
     )
 
 
-def run(job: CaptionVideosJob | OcrDocumentsJob, address: str | None = None, progress: bool = True):
+def run(
+    job: CaptionVideosJob | OcrDocumentsJob,
+    address: str | None = None,
+    progress: bool = True,
+    verbose: bool = False,
+):
     """Run `job` to the end and return its summary; the manifest lies beside the Parquet output."""
     from pipeline.job import run_job
 
-    return run_job(job, progress=progress, connect=lambda: connect_ray(job, address))
+    connect = lambda: connect_ray(job, address, verbose)
+    return run_job(job, progress=progress, connect=connect, verbose=verbose)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ from pipeline.isolation import DecodeFaults, IsolatedDecoder, parse_faults
 from pipeline.packing import pack_table
 from pipeline.postprocess import Postprocess
 from pipeline.prepare import BUSY_S, UNIT_ORDINAL, DecodeUnits, Prepare, error_fields, unit_key
+from pipeline.progress import ProgressLine, configure_ray_data_output
 from pipeline.sources import Item, expand_inputs
 from pipeline.writer import (
     MANIFEST_NAME,
@@ -357,8 +358,12 @@ class Manifest:
 
 
 @storage.with_job_storage
-def run_job(job: Job, progress: bool = True, connect: Callable[[], None] | None = None) -> JobSummary:
-    """Run `job` over every input not already done in its output; returns the summary (also printed)."""
+def run_job(
+    job: Job, progress: bool = True, connect: Callable[[], None] | None = None, verbose: bool = False
+) -> JobSummary:
+    """Run `job` over every input not already done in its output; returns the summary (also printed).
+
+    `progress`: a progress line; `verbose`: Ray Data's own progress bars and log lines instead."""
     started = time.perf_counter()
     record = record_of(job)
     items = expand_inputs(job.inputs, input_kind(job))  # a missing input fails here, before any work
@@ -385,7 +390,7 @@ def run_job(job: Job, progress: bool = True, connect: Callable[[], None] | None 
             try:
                 if connect is not None:
                     connect()
-                execute(job, todo, job_id, model, out_dir, record, progress, run)
+                execute(job, todo, job_id, model, out_dir, record, progress, verbose, run)
             except BaseException as e:  # what was committed stays valid; the next run finishes the rest
                 interrupted = isinstance(e, KeyboardInterrupt)
                 status = "interrupted" if interrupted else "failed"
@@ -478,6 +483,7 @@ def execute(
     out_dir: OutputDir,
     record,
     progress: bool,
+    verbose: bool = False,
     run: RunStats | None = None,
 ) -> RunStats:
     """Stream the dataset into the writer, counting into `run`; items whose rows did not all arrive become
@@ -485,12 +491,14 @@ def execute(
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    ctx.enable_progress_bars = progress
+    ctx.enable_progress_bars = progress and verbose
+    configure_ray_data_output(verbose)
     ctx.execution_options.preserve_order = False
     # A block that fails for good (a batch whose retries are spent) must not end the job: its items are
     # missing at the end of the stream and become error rows below, which the next run redoes.
     ctx.max_errored_blocks = -1
     run = run if run is not None else RunStats()
+    line = ProgressLine(job.kind, len(todo), unit_name(job)) if progress and not verbose else None
     writer = DatasetWriter(
         out_dir,
         arrow_schema(record),
@@ -498,7 +506,7 @@ def execute(
         unit_key=UNIT_ORDINAL,
         rows_per_file=job.limits.rows_per_file,
         flush_every_s=job.limits.commit_every_s,
-        on_item=run.add,
+        on_item=run.add if line is None else lambda rows: (run.add(rows), line.item(rows)),
     )
     try:
         # No prefetch: Ray's iterator would hold each block until the next one arrives, so a stalled or
@@ -506,9 +514,14 @@ def execute(
         for batch in build_dataset(job, todo, job_id, model).iter_batches(
             batch_format="pyarrow", batch_size=None, prefetch_batches=0
         ):
-            writer.add(batch.to_pylist())
+            rows = batch.to_pylist()
+            writer.add(rows)
+            if line is not None:
+                line.rows(rows)
     except BaseException:
         writer.flush()  # items that arrived whole are kept; the rest is redone by the next run
+        if line is not None:
+            line.close()
         raise
     run.repeats = writer.assembler.duplicates
     incomplete = writer.assembler.incomplete()
@@ -520,4 +533,6 @@ def execute(
         message = f"{lost} (a worker failed on it for good, see the Ray logs); the next run redoes it"
         writer.add_item([item_error_row(it, job_id, record, message)])
     writer.flush()
+    if line is not None:
+        line.close()
     return run

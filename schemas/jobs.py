@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -52,23 +53,42 @@ class Strict(BaseModel):
 class Sampling(Strict):
     """Generation settings; temperature 0 is greedy."""
 
-    max_new_tokens: int = Field(512, ge=1)
-    temperature: float = Field(0.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)  # 0: no top-k filter
-    seed: int = 0
-    stop: list[str] = []
+    max_new_tokens: int = Field(512, ge=1, description="Most tokens generated per window / page.")
+    temperature: float = Field(0.0, ge=0.0, description="Sampling temperature; 0 is greedy.")
+    top_p: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="Nucleus sampling: keep the most likely tokens "
+        "whose probabilities sum to top_p; 1 keeps all.",
+    )
+    top_k: int = Field(0, ge=0, description="Keep only the k most likely tokens; 0: no top-k filter.")
+    seed: int = Field(0, description="Seed of the sampler (with temperature > 0).")
+    stop: list[str] = Field([], description="Strings that end a generation when produced (not kept).")
 
 
 class Resources(Strict):
     """How many workers of each kind the job asks Ray for."""
 
-    decode_workers: int = Field(2, ge=1)
-    cpus_per_decode_worker: float = Field(1.0, gt=0.0)  # also the video decoder's threads (rounded up)
-    gpu_workers: int = Field(1, ge=1)
-    gpus_per_worker: float = Field(1.0, ge=0.0)  # 0 on CPU-only machines
-    # Visual + prompt tokens of the rows sent to a GPU worker at once.
-    max_batch_tokens: int = Field(16384, ge=1)
+    decode_workers: int = Field(2, ge=1, description="CPU actors that decode videos / render pages.")
+    cpus_per_decode_worker: float = Field(
+        1.0,
+        gt=0.0,
+        description="CPUs each decode worker asks for; also the video decoder's threads (rounded up).",
+    )
+    gpu_workers: int = Field(1, ge=1, description="Inference actors, each holding the model once.")
+    gpus_per_worker: float = Field(
+        1.0,
+        ge=0.0,
+        description="GPUs per inference actor (several: tensor parallel); 0 on CPU-only "
+        "machines. Ignored where the cluster has no GPUs or device is cpu.",
+    )
+    max_batch_tokens: int = Field(
+        16384,
+        ge=1,
+        description="Visual + prompt tokens of the rows sent to a GPU worker at once, and "
+        "the engine's prefill budget per step.",
+    )
 
 
 class Limits(Strict):
@@ -159,13 +179,28 @@ class Storage(Strict):
 class JobBase(Strict):
     """What every job has: inputs, output, model, prompt, sampling, resources and limits."""
 
-    job_id: str | None = None  # None: the runner derives one
-    # Paths, globs, directories, manifest .txt files (one entry a line), s3:// gs:// URIs.
-    inputs: list[str] = Field(min_length=1)
-    output: str
-    model: str  # checkpoint directory (Hugging Face layout)
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    device: Literal["auto", "cuda", "cpu"] = "auto"
+    job_id: str | None = Field(
+        None,
+        description="Name of the run in the output's rows and manifest; null: the runner derives "
+        "one from the kind and the time.",
+    )
+    inputs: list[str] = Field(
+        min_length=1,
+        description="Paths, globs, directories, manifest .txt files (one entry a line), "
+        "s3:// and gs:// URIs.",
+    )
+    output: str = Field(
+        description="Output directory (local or s3:// gs://): Parquet files + _manifest.json."
+    )
+    model: str = Field(
+        description="Checkpoint directory (Hugging Face layout: config.json, safetensors, tokenizer.json)."
+    )
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Weights and activations of the model."
+    )
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="auto: the GPUs where the cluster has them, else the CPU."
+    )
     max_model_len: int | None = Field(
         None,
         ge=64,
@@ -173,11 +208,13 @@ class JobBase(Strict):
         "checkpoint's max_position_embeddings (32,768 for Qwen2-VL). Video windows and pages are sized so "
         "that visual + prompt tokens + sampling.max_new_tokens fit it.",
     )
-    prompt: str | None = None  # None: the job kind's default
-    system_prompt: str | None = None
-    sampling: Sampling = Field(default_factory=Sampling)
-    resources: Resources = Field(default_factory=Resources)
-    limits: Limits = Field(default_factory=Limits)
+    prompt: str | None = Field(
+        None, description="The instruction given with each window / page; null: the job kind's default."
+    )
+    system_prompt: str | None = Field(None, description="A system message before the prompt; null: none.")
+    sampling: Sampling = Field(default_factory=Sampling, description="Generation settings (below).")
+    resources: Resources = Field(default_factory=Resources, description="Workers asked of Ray (below).")
+    limits: Limits = Field(default_factory=Limits, description="Safety limits and retries (below).")
     storage: Storage = Field(default_factory=Storage, description="Object-storage endpoint and region.")
 
     @field_validator("inputs")
@@ -228,7 +265,11 @@ class CaptionVideosJob(JobBase):
         "shows detail (cosmos-curate's 256-frame windows are the same size). Longer windows shrink frames; "
         "shorter ones cost more tokens per minute of video.",
     )
-    caption_format: Literal["text", "json"] = "text"  # json: the answer is parsed into CaptionFields
+    caption_format: Literal["text", "json"] = Field(
+        "text",
+        description="json: the model is asked for JSON, parsed into the `fields` column "
+        "(summary, objects, actions, on_screen_text).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> CaptionVideosJob:
@@ -264,11 +305,22 @@ class OcrDocumentsJob(JobBase):
     """Transcribe every page of every document; images count as one-page documents."""
 
     kind: Literal["ocr_documents"] = "ocr_documents"
-    target_longest_side: int | None = Field(None, ge=28)  # pixels; default 1288, as olmOCR renders
-    dpi: float | None = Field(None, gt=0.0)  # instead of target_longest_side
-    max_pixels: int = Field(28 * 28 * 16384, ge=28 * 28)  # render cap per page; the scale is lowered to fit
-    page_ranges: str | None = None  # e.g. "1-3,7,10-"; None: every page
-    keep_text_layer: bool = True
+    target_longest_side: int | None = Field(
+        None,
+        ge=28,
+        description="Pixels of a rendered page's longest side; null (and no dpi): 1288, as "
+        "olmOCR renders. Images are only ever scaled down to it.",
+    )
+    dpi: float | None = Field(
+        None, gt=0.0, description="Render PDF pages at this DPI instead of target_longest_side."
+    )
+    max_pixels: int = Field(
+        28 * 28 * 16384, ge=28 * 28, description="Render cap per page; the scale is lowered to fit."
+    )
+    page_ranges: str | None = Field(
+        None, description='Pages to read, 1-based, e.g. "1-3,7,10-"; null: every page.'
+    )
+    keep_text_layer: bool = Field(True, description="Keep each page's own text layer in `text_layer`.")
 
     @field_validator("page_ranges", mode="before")
     @classmethod
@@ -324,6 +376,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "-
     return data
 
 
+def _keys_beside(loc: tuple) -> list[str]:
+    """The keys the model allows where an unknown key `loc` was written (loc starts with the job kind)."""
+    model: Any = {"caption_videos": CaptionVideosJob, "ocr_documents": OcrDocumentsJob}.get(loc[0])
+    for part in loc[1:-1]:
+        info = model.model_fields.get(part) if model is not None else None
+        model = info.annotation if info is not None else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+    return list(model.model_fields) if model is not None else []
+
+
 def _describe(error: dict[str, Any]) -> str:
     loc = list(error["loc"])
     if loc and loc[0] in JOB_KINDS:  # the discriminated union puts the chosen kind first
@@ -334,7 +397,9 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "union_tag_invalid":
         return f"kind: {error['input'].get('kind')!r} is not a job kind; use one of {', '.join(JOB_KINDS)}"
     if error["type"] == "extra_forbidden":
-        return f"{where}: unknown key (check the spelling; see the job spec reference)"
+        guess = difflib.get_close_matches(str(loc[-1]), _keys_beside(error["loc"]), n=1) if loc else []
+        hint = f"did you mean {'.'.join([*map(str, loc[:-1]), guess[0]])}?" if guess else "check the spelling"
+        return f"{where}: unknown key; {hint} (see the job spec reference: vlbatch spec --reference)"
     return f"{where}: {error['msg']}"
 
 
