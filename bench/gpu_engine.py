@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from model.config import Qwen2VLConfig  # noqa: E402
 from model.engine import Engine, EngineConfig, Request, SamplingParams  # noqa: E402
 from model.engine.model_runner import CUDA_SDPA_BACKENDS  # noqa: E402
-from model.processor import smart_resize  # noqa: E402
+from model.pixels import smart_resize  # noqa: E402
 from model.qwen2vl import Qwen2VL  # noqa: E402
 from model.testing import tiny_config, to_saved_layout  # noqa: E402
 

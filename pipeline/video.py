@@ -21,7 +21,7 @@ from typing import Any, Literal
 import av
 import numpy as np
 
-from model.processor import FRAME_FACTOR, resize_video_frames, sample_frame_indices, video_frame_size
+from model.pixels import FRAME_FACTOR, resize_video_frames, sample_frame_indices, video_frame_size
 from pipeline.isolation import output_array
 from pipeline.media import DecodeError, error_row, local_file
 from schemas.jobs import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, VIDEO_TOTAL_PIXELS, CaptionVideosJob

@@ -19,10 +19,18 @@ from pydantic import (
 
 from schemas.records import CaptionFields
 
-# qwen-vl-utils' video budget: per-frame pixels between these, all frames of a window within the total.
-VIDEO_MIN_PIXELS = 128 * 28 * 28
-VIDEO_MAX_PIXELS = 768 * 28 * 28
-VIDEO_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)
+# qwen-vl-utils 0.0.14's video defaults (the official Qwen2-VL input pipeline), defined here once for the job
+# specs and for model/pixels.py, which matches the reference with them. Budgets count merged tokens of
+# 28 x 28 pixels: per frame between the min and max, and 90% of VIDEO_SEQ_LEN for all frames of a window.
+VIDEO_FPS = 2.0
+VIDEO_MIN_FRAMES = 4
+VIDEO_MAX_FRAMES = 768
+VIDEO_MIN_TOKENS = 128  # per frame
+VIDEO_MAX_TOKENS = 768  # per frame
+VIDEO_SEQ_LEN = 128000  # qwen-vl-utils' MODEL_SEQ_LEN
+VIDEO_MIN_PIXELS = VIDEO_MIN_TOKENS * 28 * 28
+VIDEO_MAX_PIXELS = VIDEO_MAX_TOKENS * 28 * 28
+VIDEO_TOTAL_PIXELS = int(VIDEO_SEQ_LEN * 28 * 28 * 0.9)
 
 DEFAULT_CAPTION_PROMPT = "Describe this video in detail."
 DEFAULT_OCR_PROMPT = (
@@ -157,9 +165,9 @@ class CaptionVideosJob(JobBase):
     """Caption every video, one caption per window of `clip_seconds` (the whole video when unset)."""
 
     kind: Literal["caption_videos"] = "caption_videos"
-    fps: float = Field(2.0, gt=0.0)  # frames sampled per second of video
-    min_frames: int = Field(4, ge=2)
-    max_frames: int = Field(768, ge=2)  # per window
+    fps: float = Field(VIDEO_FPS, gt=0.0)  # frames sampled per second of video
+    min_frames: int = Field(VIDEO_MIN_FRAMES, ge=2)
+    max_frames: int = Field(VIDEO_MAX_FRAMES, ge=2)  # per window
     min_pixels: int = Field(VIDEO_MIN_PIXELS, ge=28 * 28)  # per frame
     max_pixels: int = Field(VIDEO_MAX_PIXELS, ge=28 * 28)  # per frame
     total_pixels: int = Field(VIDEO_TOTAL_PIXELS, ge=28 * 28)  # all frames of one window
