@@ -79,6 +79,7 @@ class Backend:
     ):
         from model.config import read_eos_token_ids
         from model.engine import Engine, EngineConfig
+        from model.engine.kv_cache import CUDA_KV_CACHE_FRACTION
         from model.processor import Processor
         from model.qwen2vl import Qwen2VL
 
@@ -88,7 +89,7 @@ class Backend:
         config = EngineConfig(max_batch_tokens=max(max_batch_tokens, 256))
         if self.device.startswith("cuda") and 0 < gpu_share < 1:
             # Workers sharing a GPU each take their share of the memory free at start for the KV cache.
-            config.kv_cache_fraction = 0.8 * gpu_share
+            config.kv_cache_fraction = CUDA_KV_CACHE_FRACTION * gpu_share
         eos = read_eos_token_ids(model_path)
         self.engine = Engine(self.model, config, self.processor.tokenizer, eos)
 
