@@ -23,10 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from model import Qwen2VL  # noqa: E402
-from model.engine import Engine, EngineConfig, Request  # noqa: E402
-from model.processor import Processor  # noqa: E402
-from model.sampling import SamplingParams  # noqa: E402
+from model import Engine, EngineConfig, Processor, Qwen2VL, Request, SamplingParams  # noqa: E402
 from model.testing import make_tiny_checkpoint  # noqa: E402
 
 MID_SIZE = dict(

@@ -32,11 +32,10 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from model.config import Qwen2VLConfig  # noqa: E402
-from model.engine import Engine, EngineConfig, Request  # noqa: E402
-from model.model_runner import CUDA_SDPA_BACKENDS  # noqa: E402
-from model.processor import smart_resize  # noqa: E402
+from model.engine import Engine, EngineConfig, Request, SamplingParams  # noqa: E402
+from model.engine.model_runner import CUDA_SDPA_BACKENDS  # noqa: E402
+from model.pixels import smart_resize  # noqa: E402
 from model.qwen2vl import Qwen2VL  # noqa: E402
-from model.sampling import SamplingParams  # noqa: E402
 from model.testing import tiny_config, to_saved_layout  # noqa: E402
 
 PEAK_BF16_TFLOPS = 989.0  # dense bf16, H100/H200 SXM (datasheet)
@@ -137,7 +136,7 @@ def vision_flops(config: Qwen2VLConfig, grids: list[tuple[int, int, int]]) -> fl
 def device_check(device: torch.device) -> None:
     """Tiny float32 model on the device: engine greedy tokens vs the simple generate, each request alone,
     with prefill cut in chunks and a cache too small for all (images, a video, text only)."""
-    from model.generate import generate
+    from model.engine import generate
 
     config = tiny_config(num_hidden_layers=2, vision={"depth": 2})
     model = build_ours(config, device, torch.float32, seed=1)

@@ -44,7 +44,7 @@ import pyarrow as pa  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.demo import scene  # noqa: E402
-from model.processor import resize_video_frames  # noqa: E402
+from model.pixels import resize_video_frames  # noqa: E402
 from pipeline.documents import DocumentConfig, RasteriseDocument, render_scale  # noqa: E402
 from pipeline.job import make_decoder  # noqa: E402
 from pipeline.prepare import DecodeUnits  # noqa: E402

@@ -183,3 +183,14 @@ class Qwen2VLConfig:
             "vision_config": vision,
             "rope_scaling": {"type": "mrope", "mrope_section": list(self.mrope_section)},
         }
+
+
+def read_eos_token_ids(path: str | Path) -> list[int]:
+    """End-of-sequence ids of a checkpoint directory: config.json's, then generation_config.json's."""
+    path = Path(path)
+    ids = [Qwen2VLConfig.from_json(path).eos_token_id]
+    gen_config = path / "generation_config.json"
+    if gen_config.is_file():
+        value = json.loads(gen_config.read_text()).get("eos_token_id")
+        ids += [value] if isinstance(value, int) else list(value or [])
+    return list(dict.fromkeys(ids))

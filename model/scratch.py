@@ -1,8 +1,8 @@
 """Large CPU temporaries without page faults: reused scratch buffers and row-chunked layers.
 
 glibc hands large freed blocks back to the kernel (always above 32 MiB, often below), so the next large
-tensor is faulted in page by page; on the CPU VMs we bench on that costs about as much as the matmul that
-fills it (a (4096, 2048) float32 linear output: ~45 ms into a reused buffer, ~60 ms fresh). Two cures:
+tensor is faulted in page by page; on the CPU VMs we bench on that can cost nearly as much as the matmul
+that fills it. Two cures:
 buffers the engine keeps across steps, and row-wise layers run over row chunks so that every intermediate
 stays small (and in cache). Row chunks give the same numbers as long as their row counts are powers of
 two: MKL computes rows in blocks and a row in a short tail block may round differently, so chunk edges must

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import VisionConfig
+from model.rope import rotate_half
 from model.scratch import map_rows
 
 
@@ -29,11 +30,6 @@ def patch_rows_cols(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
         rc = torch.stack([(win_r * merge + in_r).flatten(), (win_c * merge + in_c).flatten()], dim=-1)
         out.append(rc.repeat(t, 1))
     return torch.cat(out)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
 
 
 class VisionRotary(nn.Module):

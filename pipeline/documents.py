@@ -18,7 +18,7 @@ import pymupdf
 from PIL import Image, ImageOps
 from pymupdf import mupdf
 
-from model.processor import IMAGE_FACTOR, smart_resize
+from model.pixels import IMAGE_FACTOR, smart_resize
 from pipeline.budget import TokenBudget
 from pipeline.isolation import output_array
 from pipeline.media import DecodeError, error_row, local_file

@@ -1,7 +1,6 @@
 """The GPU stage: an actor that loads the checkpoint once and generates for packs of unit rows.
 
-The batched engine (continuous batching) serves when `model.engine` is importable; the simple
-`model.generate` stands in behind the same `Backend` interface otherwise. Pixels arrive as uint8 at the
+Each actor holds one long-lived engine (`model.engine`, continuous batching). Pixels arrive as uint8 at the
 model's size; normalisation and patchify run on the model's device.
 
 Fault drill: VLBATCH_FAULT_INFER_EXIT="SUBSTRING[:TIMES]" (read on the driver) makes a GPU worker
@@ -72,16 +71,33 @@ class Generation:
 
 
 class Backend:
-    """Loads a checkpoint once; turns unit prompts into generations."""
+    """Loads a checkpoint once; turns unit prompts into generations through one long-lived engine
+    (continuous batching: the whole pack goes to the engine at once)."""
 
-    def __init__(self, model_path: str, dtype: str, device: str):
+    def __init__(
+        self,
+        model_path: str,
+        dtype: str,
+        device: str,
+        max_batch_tokens: int,
+        gpu_share: float = 1.0,
+        max_model_len: int | None = None,
+    ):
+        from model.config import read_eos_token_ids
+        from model.engine import Engine, EngineConfig
+        from model.engine.kv_cache import CUDA_KV_CACHE_FRACTION
         from model.processor import Processor
         from model.qwen2vl import Qwen2VL
 
         self.device = pick_device(device)
         self.processor = Processor.from_pretrained(model_path)
         self.model = Qwen2VL.from_pretrained(model_path, dtype=DTYPES[dtype], device=self.device)
-        self.eos = _eos_ids(Path(model_path), self.model.config.eos_token_id)
+        config = EngineConfig(max_batch_tokens=max(max_batch_tokens, 256), max_model_len=max_model_len)
+        if self.device.startswith("cuda") and 0 < gpu_share < 1:
+            # Workers sharing a GPU each take their share of the memory free at start for the KV cache.
+            config.kv_cache_fraction = CUDA_KV_CACHE_FRACTION * gpu_share
+        eos = read_eos_token_ids(model_path)
+        self.engine = Engine(self.model, config, self.processor.tokenizer, eos)
 
     def vision_inputs(self, unit: UnitPrompt) -> dict[str, torch.Tensor]:
         """Normalised patches and grid, computed from uint8 on the model's device."""
@@ -96,35 +112,7 @@ class Backend:
         return {"pixel_values": pixel_values, "image_grid_thw": grid}
 
     def generate(self, units: list[UnitPrompt], sampling: Sampling) -> list[Generation]:
-        raise NotImplementedError
-
-
-class EngineBackend(Backend):
-    """Continuous batching: the whole pack goes to the engine at once."""
-
-    def __init__(
-        self,
-        model_path: str,
-        dtype: str,
-        device: str,
-        max_batch_tokens: int,
-        gpu_share: float = 1.0,
-        max_model_len: int | None = None,
-    ):
-        from model.engine import Engine, EngineConfig
-        from model.tokenizer import Tokenizer
-
-        super().__init__(model_path, dtype, device)
-        tokenizer = Tokenizer.from_file(Path(model_path) / "tokenizer.json")
-        config = EngineConfig(max_batch_tokens=max(max_batch_tokens, 256), max_model_len=max_model_len)
-        if self.device.startswith("cuda") and 0 < gpu_share < 1:
-            # Workers sharing a GPU each take their share of the memory free at start for the KV cache.
-            config.kv_cache_fraction = 0.8 * gpu_share
-        self.engine = Engine(self.model, config, tokenizer, sorted(self.eos))
-
-    def generate(self, units: list[UnitPrompt], sampling: Sampling) -> list[Generation]:
-        from model.engine import Request
-        from model.sampling import SamplingParams
+        from model.engine import Request, SamplingParams
 
         params = SamplingParams(
             max_new_tokens=sampling.max_new_tokens,
@@ -144,44 +132,6 @@ class EngineBackend(Backend):
         ]
 
 
-class SimpleBackend(Backend):
-    """model.generate, one unit at a time: the stand-in until the engine is there."""
-
-    def generate(self, units: list[UnitPrompt], sampling: Sampling) -> list[Generation]:
-        from model.generate import generate
-
-        out = []
-        for u in units:
-            started = time.perf_counter()
-            inputs = {"input_ids": torch.tensor([u.input_ids]), **self.vision_inputs(u)}
-            (ids,) = generate(
-                self.model,
-                inputs,
-                max_new_tokens=sampling.max_new_tokens,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                top_k=sampling.top_k,
-                stop_token_ids=sorted(self.eos),
-                seed=sampling.seed,
-            )
-            stopped = bool(ids) and ids[-1] in self.eos
-            text = self.processor.tokenizer.decode(ids, skip_special_tokens=True)
-            reason = "stop" if stopped else "length"
-            out.append(Generation(text, reason, len(ids), time.perf_counter() - started))
-        return out
-
-
-def _eos_ids(path: Path, default: int) -> set[int]:
-    import json
-
-    ids = {default}
-    gen = path / "generation_config.json"
-    if gen.is_file():
-        value = json.loads(gen.read_text()).get("eos_token_id")
-        ids |= set([value] if isinstance(value, int) else value or [])
-    return ids
-
-
 def claim_fault(fault: Fault, fault_dir: str) -> bool:
     """True for the first `fault.times` claims of this fault, by whatever process makes them.
 
@@ -195,21 +145,6 @@ def claim_fault(fault: Fault, fault_dir: str) -> bool:
             continue
         return True
     return False
-
-
-def load_backend(
-    model_path: str,
-    dtype: str,
-    device: str,
-    max_batch_tokens: int,
-    gpu_share: float = 1.0,
-    max_model_len: int | None = None,
-) -> Backend:
-    try:
-        import model.engine  # noqa: F401
-    except ImportError:
-        return SimpleBackend(model_path, dtype, device)
-    return EngineBackend(model_path, dtype, device, max_batch_tokens, gpu_share, max_model_len)
 
 
 class Infer:
@@ -230,7 +165,7 @@ class Infer:
     ):
         if faults and fault_dir is None:
             raise ValueError("infer fault drills need a fault_dir to count their exits in")
-        self.backend = load_backend(model_path, dtype, device, max_batch_tokens, gpu_share, max_model_len)
+        self.backend = Backend(model_path, dtype, device, max_batch_tokens, gpu_share, max_model_len)
         self.sampling = Sampling.model_validate(sampling)
         self.schema = result_schema(record)
         self.faults, self.fault_dir = faults, fault_dir

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import av
 import numpy as np
 
-from model.processor import (
+from model.pixels import (
     FRAME_FACTOR,
     IMAGE_FACTOR,
     resize_video_frames,

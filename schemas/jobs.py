@@ -20,10 +20,18 @@ from pydantic import (
 
 from schemas.records import CaptionFields
 
-# qwen-vl-utils' video budget: per-frame pixels between these, all frames of a window within the total.
-VIDEO_MIN_PIXELS = 128 * 28 * 28
-VIDEO_MAX_PIXELS = 768 * 28 * 28
-VIDEO_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)
+# qwen-vl-utils 0.0.14's video defaults (the official Qwen2-VL input pipeline), defined here once for the job
+# specs and for model/pixels.py, which matches the reference with them. Budgets count merged tokens of
+# 28 x 28 pixels: per frame between the min and max, and 90% of VIDEO_SEQ_LEN for all frames of a window.
+VIDEO_FPS = 2.0
+VIDEO_MIN_FRAMES = 4
+VIDEO_MAX_FRAMES = 768
+VIDEO_MIN_TOKENS = 128  # per frame
+VIDEO_MAX_TOKENS = 768  # per frame
+VIDEO_SEQ_LEN = 128000  # qwen-vl-utils' MODEL_SEQ_LEN
+VIDEO_MIN_PIXELS = VIDEO_MIN_TOKENS * 28 * 28
+VIDEO_MAX_PIXELS = VIDEO_MAX_TOKENS * 28 * 28
+VIDEO_TOTAL_PIXELS = int(VIDEO_SEQ_LEN * 28 * 28 * 0.9)
 DEFAULT_CLIP_SECONDS = 120.0
 
 DEFAULT_CAPTION_PROMPT = "Describe this video in detail."
@@ -230,18 +238,18 @@ class CaptionVideosJob(JobBase):
 
     kind: Literal["caption_videos"] = "caption_videos"
     fps: float = Field(
-        2.0,
+        VIDEO_FPS,
         gt=0.0,
         description="Frames sampled per second of video (a target: a window whose frames would not fit the "
         "model's context gets fewer, evenly spread; the row's sample_fps says what was applied).",
     )
     min_frames: int = Field(
-        4,
+        VIDEO_MIN_FRAMES,
         ge=2,
         description="Fewest frames sampled from a window. Set explicitly, it is a floor the context fit "
         "keeps (a window that cannot fit with it is an error row naming the value that would).",
     )
-    max_frames: int = Field(768, ge=2, description="Most frames sampled from one window.")
+    max_frames: int = Field(VIDEO_MAX_FRAMES, ge=2, description="Most frames sampled from one window.")
     min_pixels: int = Field(
         VIDEO_MIN_PIXELS,
         ge=28 * 28,

@@ -12,7 +12,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # The Triton decode kernel runs on the CPU through Triton's interpreter, which is chosen when a kernel is
-# defined: before any test imports model.triton_attention.
+# defined: before any test imports model.engine.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Made-up credentials of the tests' S3 server (moto accepts any). Every Ray worker of the session gets them,

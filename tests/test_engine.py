@@ -8,16 +8,20 @@ import numpy as np
 import pytest
 import torch
 
-from model import Qwen2VL, generate, model_runner, scratch
-from model.cuda_graphs import padded_batch_sizes
-from model.engine import Engine, EngineConfig, Request
-from model.kv_cache import BlockManager
-from model.model_runner import plan_vision_calls, split_vision_item
+from model import Qwen2VL, generate, scratch
+from model.engine import Engine, EngineConfig, Request, model_runner
+from model.engine.attention.triton_decode import (
+    decode_attention_reference,
+    kernel_problem,
+    paged_decode_attention,
+)
+from model.engine.block_manager import BlockManager
+from model.engine.cuda_graphs import padded_batch_sizes
+from model.engine.model_runner import plan_vision_calls, split_vision_item
+from model.engine.sampling import SamplingParams, filter_top_k_top_p, sample
+from model.engine.scheduler import Scheduler
+from model.engine.sequence import Sequence, SequenceStatus, VisionItem
 from model.processor import Processor
-from model.sampling import SamplingParams, filter_top_k_top_p, sample
-from model.scheduler import Scheduler
-from model.sequence import Sequence, SequenceStatus, VisionItem
-from model.triton_attention import decode_attention_reference, kernel_problem, paged_decode_attention
 
 NEW_TOKENS = 10
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from model import Qwen2VL, generate, sample_next
+from model import Qwen2VL, SamplingParams, generate
+from model.engine.sampling import sample
 from model.rope import mrope_positions, text_positions
 from model.tokenizer import Tokenizer
 
@@ -239,11 +240,16 @@ def test_top_k_and_top_p_restrict_the_draw():
     # Probabilities 0.5, 0.3, 0.15, 0.05.
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().repeat(400, 1)
     gen = torch.Generator().manual_seed(0)
-    seen_p = set(sample_next(logits, temperature=1.0, top_p=0.7, generator=gen).tolist())
+
+    def draws(**params) -> set[int]:
+        rows = logits.shape[0]
+        return set(sample(logits, [SamplingParams(**params)] * rows, [0] * rows, gen).tolist())
+
+    seen_p = draws(temperature=1.0, top_p=0.7)
     assert seen_p == {0, 1}  # 0.5 < 0.7, so the second token stays; the mass above the third is 0.8
-    seen_k = set(sample_next(logits, temperature=1.0, top_k=3, generator=gen).tolist())
+    seen_k = draws(temperature=1.0, top_k=3)
     assert seen_k == {0, 1, 2}
-    assert set(sample_next(logits, temperature=1.0, top_p=0.01, generator=gen).tolist()) == {0}
+    assert draws(temperature=1.0, top_p=0.01) == {0}
 
 
 def test_processor_output_runs_like_the_reference(models, tiny_checkpoint):

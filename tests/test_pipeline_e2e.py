@@ -238,23 +238,17 @@ def test_results_that_never_arrive_become_error_rows(tmp_path, pipeline_corpus, 
     assert manifest(job)["counts"]["errors"] == 2
 
 
-@pytest.mark.parametrize("backend", ["engine", "simple"])
-def test_stages_run_without_ray(pipeline_corpus, backend, monkeypatch):
+def test_stages_run_without_ray(pipeline_corpus):
     """Each stage is a plain callable: decode -> prepare -> pack -> infer -> postprocess, by hand."""
     import pyarrow as pa
 
-    import pipeline.infer as infer_module
-    from pipeline.infer import Infer, SimpleBackend, model_identity
+    from pipeline.infer import Infer, model_identity
     from pipeline.job import make_decoder
     from pipeline.packing import pack_table
     from pipeline.postprocess import Postprocess
     from pipeline.prepare import DecodeUnits, Prepare
     from pipeline.sources import expand_inputs
 
-    if backend == "simple":
-        monkeypatch.setattr(
-            infer_module, "load_backend", lambda path, dtype, device, *a: SimpleBackend(path, dtype, device)
-        )
     job = validate_job(pipeline_corpus["ocr"])
     items = [it for it in expand_inputs(job.inputs, "document") if it.uri.endswith(("e.pdf", "g.png"))]
     decoded = pa.concat_tables(

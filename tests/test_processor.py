@@ -24,9 +24,7 @@ import torch
 from PIL import Image
 
 from model.chat import render_chat
-from model.processor import (
-    ImageProcessor,
-    Processor,
+from model.pixels import (
     frame_range,
     num_sampled_frames,
     patchify,
@@ -35,6 +33,7 @@ from model.processor import (
     smart_resize,
     video_frame_size,
 )
+from model.processor import ImageProcessor, Processor
 from model.tokenizer import build_qwen2_tokenizer_json
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -246,16 +246,16 @@ def test_caption_fields_parse():
 
 
 def test_video_defaults_match_the_processor():
-    from model import processor
+    from model import pixels
     from schemas.jobs import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, VIDEO_TOTAL_PIXELS
 
-    side = processor.IMAGE_FACTOR
-    assert VIDEO_MIN_PIXELS == processor.VIDEO_MIN_TOKENS * side * side
-    assert VIDEO_MAX_PIXELS == processor.VIDEO_MAX_TOKENS * side * side
-    assert VIDEO_TOTAL_PIXELS == int(processor.VIDEO_SEQ_LEN * side * side * 0.9)
+    side = pixels.IMAGE_FACTOR
+    assert VIDEO_MIN_PIXELS == pixels.VIDEO_MIN_TOKENS * side * side
+    assert VIDEO_MAX_PIXELS == pixels.VIDEO_MAX_TOKENS * side * side
+    assert VIDEO_TOTAL_PIXELS == int(pixels.VIDEO_SEQ_LEN * side * side * 0.9)
     job = CaptionVideosJob(inputs=["v"], output="o", model="m")
     assert (job.fps, job.min_frames, job.max_frames) == (
-        processor.VIDEO_FPS,
-        processor.VIDEO_MIN_FRAMES,
-        processor.VIDEO_MAX_FRAMES,
+        pixels.VIDEO_FPS,
+        pixels.VIDEO_MIN_FRAMES,
+        pixels.VIDEO_MAX_FRAMES,
     )

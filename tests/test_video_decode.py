@@ -12,7 +12,7 @@ import pytest
 from media import make_audio_only, make_random_bytes, make_video, read_index, strip_mp4_timing, truncate
 
 import pipeline.video as video
-from model.processor import num_sampled_frames, resize_video_frames, sample_frame_indices
+from model.pixels import num_sampled_frames, resize_video_frames, sample_frame_indices
 from pipeline.budget import TokenBudget
 from pipeline.media import DecodeError
 from pipeline.video import (

@@ -8,13 +8,14 @@ import time
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from model.cuda_graphs import DecodeGraphs
-from model.kv_cache import CacheShape, allocate_kv_cache, blocks_needed
-from model.paged_attention import PagedAttention
+from model.engine.attention import BACKENDS
+from model.engine.block_manager import blocks_needed
+from model.engine.cuda_graphs import DecodeGraphs
+from model.engine.kv_cache import CacheShape, allocate_kv_cache
+from model.engine.scheduler import ScheduledBatch
+from model.engine.sequence import Sequence, VisionItem
 from model.qwen2vl import Qwen2VL
-from model.scheduler import ScheduledBatch
 from model.scratch import Scratch
-from model.sequence import Sequence, VisionItem
 
 
 def split_vision_item(item: VisionItem, max_patches: int) -> list[VisionItem]:
@@ -72,9 +73,8 @@ class ModelRunner:
         self.device, self.dtype = model.device, model.dtype
         self.max_vision_patches = max_vision_patches
         self.backend = backend
-        self.cache_shape = CacheShape(
-            self.config.num_hidden_layers, self.config.num_key_value_heads, self.config.head_dim, block_size
-        )
+        self.attention = BACKENDS[backend]
+        self.cache_shape = CacheShape.for_model(self.config, block_size)
         # One block more than the block manager hands out: padding rows of a graphed decode step write there.
         self.sink_block = num_blocks
         self.k_cache, self.v_cache = allocate_kv_cache(
@@ -103,8 +103,8 @@ class ModelRunner:
         self.decode_graphs = graphs
 
     def sdpa_backends(self) -> contextlib.AbstractContextManager:
-        """SDPA kernels the engine allows: on CUDA, not cuDNN's, which builds a graph for every new sequence
-        length (about 2 ms of CPU each on an H200 with torch 2.11) and every image or prompt length is new."""
+        """SDPA kernels the engine allows: on CUDA, not cuDNN's, which builds a graph on the CPU for every new
+        sequence length, and every image or prompt length is new."""
         if self.device.type != "cuda":
             return contextlib.nullcontext()
         return sdpa_kernel(CUDA_SDPA_BACKENDS)
@@ -191,13 +191,12 @@ class ModelRunner:
         x = self.model.model.embed_tokens(torch.tensor(ids).to(self.device, non_blocking=True))
         if vis_rows:
             x.index_copy_(0, torch.cat(vis_rows).to(self.device), torch.cat(vis_embeds).to(x.dtype))
-        ctx = PagedAttention(
+        ctx = self.attention.for_step(
             self.k_cache,
             self.v_cache,
             starts,
             batch.num_new_tokens,
             [s.block_table for s in batch.seqs],
-            self.backend,
             self.scratch,
         )
         hidden = self.model.hidden_states(x, torch.cat(positions, dim=1).to(self.device), ctx)
@@ -212,9 +211,9 @@ class ModelRunner:
 
         On CPU, for LM_HEAD_MIN_ROWS rows or more, the LM head runs as vocab slices of W @ hidden.T, each
         transposed into a reused logits buffer: MKL runs hidden @ W.T (a few rows by the whole vocabulary)
-        at about a third of its peak, the slices at about two thirds; a decode step of 32 sequences spends
-        about 48 ms instead of 75 in it. The values are those of hidden @ W.T to the bit; with
-        fewer rows MKL's small-matrix path rounds the two differently, so those keep the plain LM head."""
+        far below its peak, the slices much closer to it (the README's engine benchmark has the figures).
+        The values are those of hidden @ W.T to the bit; with fewer rows MKL's small-matrix path rounds the
+        two differently, so those keep the plain LM head."""
         weight = self.model.lm_head.weight
         vocab, n = weight.shape[0], hidden.shape[0]
         if not hidden.is_cpu or hidden.dtype != torch.float32 or n < LM_HEAD_MIN_ROWS:

@@ -1,4 +1,4 @@
-"""Paged KV cache: the cache tensors and the block manager that hands their blocks to sequences.
+"""Free list of KV cache blocks and the block tables that hand them to sequences.
 
 Paged blocks rather than one slot of max_model_len per sequence: prompts here range from a few dozen
 tokens (a receipt) to tens of thousands (a long video). Fixed slots would reserve the worst case for every
@@ -10,35 +10,10 @@ straight to the next one.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
-
-import torch
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
-
-
-@dataclass
-class CacheShape:
-    """Geometry of the KV cache of a decoder: layers x blocks x block_size x kv heads x head_dim."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    block_size: int
-
-    def bytes_per_block(self, dtype: torch.dtype) -> int:
-        elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
-
-
-def allocate_kv_cache(
-    shape: CacheShape, num_blocks: int, dtype: torch.dtype, device: torch.device | str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V caches, each (layers, num_blocks, block_size, kv_heads, head_dim)."""
-    size = (shape.num_layers, num_blocks, shape.block_size, shape.num_kv_heads, shape.head_dim)
-    return torch.zeros(size, dtype=dtype, device=device), torch.zeros(size, dtype=dtype, device=device)
 
 
 class BlockManager:

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from model.kv_cache import BlockManager
-from model.sequence import Sequence, SequenceStatus
+from model.engine.block_manager import BlockManager
+from model.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass

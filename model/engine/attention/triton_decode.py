@@ -1,11 +1,11 @@
-"""Paged decode attention as a Triton kernel: each sequence's query token against its K/V where they lie in
-the paged cache, read through its block table.
+"""The Triton backend: prefill chunks as the SDPA backend, decodes through a Triton kernel that reads each
+sequence's K/V where they lie in the paged cache, through its block table.
 
 The SDPA path has to gather every decoding sequence's blocks into a dense (batch, width) copy each layer and
 then read the copy again: three passes over the whole KV cache per step, padded to the longest sequence. This
 kernel reads each sequence's own tokens once. Its shapes depend only on the batch size, not on the sequence
 lengths (those are data), so a decode step built on it can be captured in a CUDA graph
-(model/cuda_graphs.py). Runs on CUDA; tests run it on the CPU through Triton's interpreter
+(model/engine/cuda_graphs.py). Runs on CUDA; tests run it on the CPU through Triton's interpreter
 (TRITON_INTERPRET=1, set before this module is imported).
 """
 
@@ -15,6 +15,9 @@ import math
 import os
 
 import torch
+
+from model.engine.attention.paged import pad_tables
+from model.engine.attention.sdpa import SdpaAttention
 
 try:  # ships with CUDA builds of torch; on the CPU only the tests' interpreter needs it
     import triton
@@ -154,3 +157,37 @@ def kernel_problem(device: torch.device, dtype: torch.dtype) -> str | None:
     error = (out.cpu().double() - expected).abs().max().item()
     tolerance = 1e-4 if dtype == torch.float32 else 1e-2  # tf32 rounds the weights for P @ V
     return None if error <= tolerance else f"differs from the reference by {error:.3g}"
+
+
+class TritonAttention(SdpaAttention):
+    """Decodes through `paged_decode_attention`; prefill chunks as `SdpaAttention`. CUDA without flash-attn
+    (the tests run it on the CPU through Triton's interpreter)."""
+
+    @staticmethod
+    def problem(device: torch.device, dtype: torch.dtype) -> str | None:
+        if not triton_available(device):
+            return "the triton backend needs CUDA and the triton package (or TRITON_INTERPRET=1 on the CPU)"
+        return None
+
+    @classmethod
+    def decode_only(
+        cls,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+    ) -> TritonAttention:
+        """A decode-only step whose inputs are already device tensors: nothing here reads them on the host,
+        so the step can be captured in a CUDA graph."""
+        ctx = cls(k_cache, v_cache, slot_mapping, len(slot_mapping), [])
+        ctx.block_tables, ctx.context_lens = block_tables, context_lens
+        return ctx
+
+    def plan_decodes(self, tables: list[list[int]], context_lens: list[int]) -> None:
+        device = self.k_cache.device
+        self.block_tables = pad_tables(tables, device, torch.int32)
+        self.context_lens = torch.tensor(context_lens, dtype=torch.int32).to(device)
+
+    def decode(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
+        return paged_decode_attention(q, kc, vc, self.block_tables, self.context_lens)

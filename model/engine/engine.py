@@ -8,25 +8,26 @@ conditions and retires finished requests, whose blocks admit the next ones.
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from model.kv_cache import BlockManager, CacheShape, blocks_needed
-from model.model_runner import ModelRunner
-from model.paged_attention import backend_problem, pick_backend
+from model.config import read_eos_token_ids
+from model.engine.attention import backend_problem, kernel_problem, pick_backend
+from model.engine.attention.flash import BLOCK_SIZE as FLASH_BLOCK_SIZE
+from model.engine.block_manager import BlockManager, blocks_needed
+from model.engine.kv_cache import CacheShape, num_kv_blocks
+from model.engine.model_runner import ModelRunner
+from model.engine.request import Request, RequestOutput
+from model.engine.sampling import SamplingParams, sample, top_logprobs
+from model.engine.scheduler import ScheduledBatch, Scheduler
+from model.engine.sequence import Sequence
 from model.qwen2vl import Qwen2VL
-from model.rope import mrope_positions
-from model.sampling import SamplingParams, sample, top_logprobs
-from model.scheduler import ScheduledBatch, Scheduler
-from model.sequence import Sequence, VisionItem
-from model.triton_attention import kernel_problem
 
 
 @dataclass
@@ -59,48 +60,6 @@ class EngineConfig:
             raise ValueError(
                 f"EngineConfig.kv_cache_fraction must be in (0, 1), got {self.kv_cache_fraction}"
             )
-
-
-@dataclass
-class Request:
-    """A prompt's token ids, the processor's vision inputs for it (batch dim 1 allowed) and how to sample."""
-
-    prompt_token_ids: Seq[int] | torch.Tensor
-    pixel_values: torch.Tensor | None = None
-    image_grid_thw: torch.Tensor | None = None
-    pixel_values_videos: torch.Tensor | None = None
-    video_grid_thw: torch.Tensor | None = None
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-
-    @classmethod
-    def from_inputs(cls, inputs: dict, sampling: SamplingParams | None = None) -> Request:
-        """From the dict `Processor.__call__` returns (input_ids (1, S), pixel_values, grids, ...)."""
-        return cls(
-            prompt_token_ids=torch.as_tensor(inputs["input_ids"]).reshape(-1).tolist(),
-            pixel_values=inputs.get("pixel_values"),
-            image_grid_thw=inputs.get("image_grid_thw"),
-            pixel_values_videos=inputs.get("pixel_values_videos"),
-            video_grid_thw=inputs.get("video_grid_thw"),
-            sampling=sampling or SamplingParams(),
-        )
-
-
-@dataclass
-class RequestOutput:
-    """What became of one request. finish_reason: 'stop', 'length' or 'error' (then `error` says why)."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    error: str | None
-    num_prompt_tokens: int
-    num_visual_tokens: int
-    num_generated_tokens: int
-    # seconds from the generate() call: queued_s until first scheduled, first_token_s, total_s until finished
-    timings: dict[str, float]
-    num_preemptions: int = 0
-    logprobs: list[dict[int, float]] | None = None
 
 
 @dataclass
@@ -138,10 +97,11 @@ class Engine:
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         self.eos_token_ids = set(eos_token_ids or [self.model_config.eos_token_id])
         backend = self._pick_backend()
-        block_size = config.block_size or (256 if backend == "flash" else 16)
-        if backend == "flash" and block_size % 256:
+        block_size = config.block_size or (FLASH_BLOCK_SIZE if backend == "flash" else 16)
+        if backend == "flash" and block_size % FLASH_BLOCK_SIZE:
             raise ValueError(
-                f"EngineConfig.block_size={block_size}: flash-attn's paged KV needs a multiple of 256"
+                f"EngineConfig.block_size={block_size}: flash-attn's paged KV needs a multiple of "
+                f"{FLASH_BLOCK_SIZE}"
             )
         num_blocks = self._num_blocks(block_size)
         self.runner = ModelRunner(model, num_blocks, block_size, config.max_vision_patches, backend)
@@ -172,12 +132,7 @@ class Engine:
         tokenizer = (
             Tokenizer.from_file(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else None
         )
-        eos = None
-        gen_config = path / "generation_config.json"
-        if gen_config.is_file():
-            value = json.loads(gen_config.read_text()).get("eos_token_id")
-            eos = [value] if isinstance(value, int) else value
-        return cls(model, config, tokenizer, eos)
+        return cls(model, config, tokenizer, read_eos_token_ids(path))
 
     def _pick_backend(self) -> str:
         dtype, wanted = self.model.dtype, self.config.attention_backend
@@ -199,104 +154,14 @@ class Engine:
         cfg = self.config
         if cfg.num_kv_blocks is not None:
             return cfg.num_kv_blocks
-        c = self.model_config
-        shape = CacheShape(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, block_size)
-        shape_bytes = shape.bytes_per_block(self.model.dtype)
-        cap = blocks_needed(cfg.max_num_seqs * self.max_model_len, block_size)
-        if cfg.kv_cache_bytes is not None:
-            num = cfg.kv_cache_bytes // shape_bytes
-        elif self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            num = int(free * (cfg.kv_cache_fraction or 0.8)) // shape_bytes
-        else:
-            num = (512 << 20) // shape_bytes
-        num = min(num, cap)
-        if num < 1:
-            raise ValueError(
-                f"the KV cache budget holds no block of {block_size} tokens ({shape_bytes} bytes); "
-                "raise EngineConfig.kv_cache_bytes or kv_cache_fraction"
-            )
-        return num
-
-    # --- requests -------------------------------------------------------------------------------------------
-
-    def _make_sequence(self, index: int, req: Request) -> Sequence:
-        """Validate a request and build its sequence; a ValueError says what is wrong with it."""
-        c = self.model_config
-        ids = torch.as_tensor(req.prompt_token_ids).reshape(-1).tolist()
-        if not ids:
-            raise ValueError("empty prompt: give at least one token id")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt of {len(ids)} tokens leaves no room to generate under "
-                f"max_model_len={self.max_model_len}; "
-                "use fewer frames or smaller images, or raise EngineConfig.max_model_len"
-            )
-        if req.sampling.stop and self.tokenizer is None:
-            raise ValueError(
-                "stop strings need a tokenizer: pass tokenizer= to Engine or use Engine.from_pretrained"
-            )
-        if min(ids) < 0 or max(ids) >= c.vocab_size:
-            raise ValueError(
-                f"prompt token ids must lie in [0, {c.vocab_size}); tokenize with the model's tokenizer"
-            )
-        items: list[VisionItem] = []
-        grids = {}
-        for kind, pixels, grid, pad in (
-            ("image", req.pixel_values, req.image_grid_thw, c.image_token_id),
-            ("video", req.pixel_values_videos, req.video_grid_thw, c.video_token_id),
-        ):
-            grids[kind] = None
-            num_pads = ids.count(pad)
-            if pixels is None and grid is None:
-                if num_pads:
-                    raise ValueError(
-                        f"the prompt has {num_pads} {kind} pad tokens but no {kind} inputs were given"
-                    )
-                continue
-            if pixels is None or grid is None:
-                raise ValueError(
-                    f"{kind} inputs need both pixel values and grid_thw (the processor gives both)"
-                )
-            grid = torch.as_tensor(grid).reshape(-1, 3).long()
-            items.extend(self._vision_items(kind, pixels, grid, num_pads))
-            grids[kind] = grid
-        positions, delta = mrope_positions(ids, grids["image"], grids["video"], c)
-        longest = min(len(ids) + req.sampling.max_new_tokens, self.max_model_len)
-        if blocks_needed(longest, self.blocks.block_size) > self.blocks.num_blocks:
-            raise ValueError(
-                f"a request of up to {longest} tokens needs {blocks_needed(longest, self.blocks.block_size)} "
-                f"KV blocks but the cache has {self.blocks.num_blocks}; raise the KV cache size or lower "
-                "max_new_tokens"
-            )
-        num_visual = sum(it.num_patches for it in items) // c.vision.spatial_merge_size**2
-        return Sequence(index, req, ids, len(ids), positions, delta, items, num_visual)
-
-    def _vision_items(
-        self, kind: str, pixels: torch.Tensor, grid: torch.Tensor, num_pads: int
-    ) -> list[VisionItem]:
-        v = self.model_config.vision
-        m = v.spatial_merge_size
-        if bool((grid <= 0).any()) or bool((grid[:, 1:] % m).any()):
-            raise ValueError(
-                f"{kind}_grid_thw {grid.tolist()} is invalid: all positive, height and width "
-                f"multiples of {m}; use the processor's grid"
-            )
-        sizes = grid.prod(-1).tolist()
-        pixels = torch.as_tensor(pixels)
-        if pixels.dim() == 3 and pixels.shape[0] == 1:
-            pixels = pixels[0]
-        if tuple(pixels.shape) != (sum(sizes), v.patch_dim):
-            raise ValueError(
-                f"{kind} pixel values of shape {tuple(pixels.shape)} do not match grid_thw "
-                f"{grid.tolist()}, which needs ({sum(sizes)}, {v.patch_dim}); pass the processor's output"
-            )
-        if sum(sizes) // m**2 != num_pads:
-            raise ValueError(
-                f"the prompt has {num_pads} {kind} pad tokens but {kind}_grid_thw {grid.tolist()} "
-                f"gives {sum(sizes) // m**2} tokens; build the prompt with the processor"
-            )
-        return [VisionItem(p, tuple(g), kind == "video") for p, g in zip(pixels.split(sizes), grid.tolist())]
+        return num_kv_blocks(
+            CacheShape.for_model(self.model_config, block_size),
+            self.model.dtype,
+            self.device,
+            max_tokens=cfg.max_num_seqs * self.max_model_len,
+            cache_bytes=cfg.kv_cache_bytes,
+            fraction=cfg.kv_cache_fraction,
+        )
 
     # --- the loop -------------------------------------------------------------------------------------------
 
@@ -312,9 +177,11 @@ class Engine:
         outputs: list[RequestOutput | None] = [None] * len(requests)
         for i, req in enumerate(requests):
             try:
-                seq = self._make_sequence(i, req)
+                seq = Sequence.from_request(
+                    i, req, self.model_config, self.max_model_len, self.blocks, self.tokenizer is not None
+                )
             except ValueError as e:
-                outputs[i] = _error_output(i, req, str(e))
+                outputs[i] = RequestOutput.failed(i, req, str(e))
                 if progress:
                     progress(outputs[i])
                 continue
@@ -325,7 +192,7 @@ class Engine:
             while self.scheduler.has_unfinished:
                 steps_before = self.stats.steps
                 for seq in self.step():
-                    outputs[seq.index] = self._output(seq)
+                    outputs[seq.index] = seq.output()
                     if progress:
                         progress(outputs[seq.index])
                 idle_steps = idle_steps + 1 if self.stats.steps == steps_before else 0
@@ -412,44 +279,63 @@ class Engine:
         self.scheduler.finish(seq, reason)
         return True
 
-    def _output(self, seq: Sequence) -> RequestOutput:
-        t = seq.timings
 
-        def since(x: float | None) -> float:
-            return (x - t.arrival) if x is not None else float("nan")
+def generate(
+    model: Qwen2VL,
+    inputs: Mapping | Seq[Mapping],
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    stop_token_ids: Seq[int] | None = None,
+    seed: int | None = None,
+) -> list[list[int]]:
+    """New token ids for each prompt (a processor output dict, or a list of them): the plain path of the
+    engine, sized for these prompts (one packed prefill, then decodes; SDPA, no CUDA graphs).
 
-        return RequestOutput(
-            index=seq.index,
-            text=seq.text,
-            token_ids=seq.output_ids,
-            finish_reason=seq.finish_reason,
-            error=seq.error,
-            num_prompt_tokens=seq.prompt_len,
-            num_visual_tokens=seq.num_visual_tokens,
-            num_generated_tokens=seq.num_output_tokens,
-            timings={
-                "queued_s": since(t.first_scheduled),
-                "first_token_s": since(t.first_token),
-                "total_s": since(t.finished),
-            },
-            num_preemptions=seq.num_preemptions,
-            logprobs=seq.logprobs if seq.request.sampling.logprobs else None,
-        )
-
-
-def _error_output(index: int, req: Request, message: str) -> RequestOutput:
-    num_prompt = len(torch.as_tensor(req.prompt_token_ids).reshape(-1))
-    return RequestOutput(
-        index=index,
-        text="",
-        token_ids=[],
-        finish_reason="error",
-        error=message,
-        num_prompt_tokens=num_prompt,
-        num_visual_tokens=0,
-        num_generated_tokens=0,
-        timings={"queued_s": 0.0, "first_token_s": float("nan"), "total_s": 0.0},
+    stop_token_ids None means the config's eos token; [] never stops early. A stop token is included in the
+    output, as transformers does. seed makes sampling reproducible.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    prompts = [inputs] if isinstance(inputs, Mapping) else list(inputs)
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        stop_token_ids=() if stop_token_ids is None else tuple(stop_token_ids),
+        ignore_eos=stop_token_ids is not None,
+        seed=seed,
     )
+    requests = [Request.from_inputs(_unpadded(p), params) for p in prompts]
+    lengths = [len(r.prompt_token_ids) for r in requests]
+    block_size = 16
+    config = EngineConfig(
+        max_batch_tokens=max(1, sum(lengths)),
+        max_num_seqs=len(requests),
+        num_kv_blocks=max(1, sum(blocks_needed(n + max_new_tokens, block_size) for n in lengths)),
+        block_size=block_size,
+        attention_backend="sdpa",
+        cuda_graphs=False,
+    )
+    outputs = Engine(model, config).generate(requests)
+    failed = next((o for o in outputs if o.finish_reason == "error"), None)
+    if failed is not None:
+        raise ValueError(f"prompt {failed.index}: {failed.error}")
+    return [o.token_ids for o in outputs]
 
 
-__all__ = ["Engine", "EngineConfig", "EngineStats", "Request", "RequestOutput", "SamplingParams"]
+def _unpadded(inputs: Mapping) -> Mapping:
+    """A processor output dict with input_ids of one prompt, padding (attention_mask 0) dropped."""
+    if "input_ids" not in inputs:
+        raise ValueError("each prompt must be a dict with input_ids (the processor's output)")
+    ids = torch.as_tensor(inputs["input_ids"])
+    if ids.dim() == 2:
+        if ids.shape[0] != 1:
+            raise ValueError(
+                f"one prompt per dict: input_ids has batch size {ids.shape[0]}; pass a list of dicts instead"
+            )
+        mask = inputs.get("attention_mask")
+        ids = ids[0] if mask is None else ids[0][torch.as_tensor(mask)[0].bool()]
+    return {**inputs, "input_ids": ids}

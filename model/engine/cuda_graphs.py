@@ -1,7 +1,7 @@
 """Decode-only steps replayed as CUDA graphs: one graph per padded batch size.
 
-On an H200 a decode step of the 2B model ran about 900 small kernels, and their launches from Python, not the
-GPU, set its pace (23 ms a step). A graph launches them all at once. It needs every shape fixed when it is
+A decode step of the 2B model runs hundreds of small kernels, and on a fast GPU their launches from Python,
+not the GPU, set its pace. A graph launches them all at once. It needs every shape fixed when it is
 captured, so: the batch is padded up to the next captured size (padding rows write their K/V into a sink
 block no sequence owns and attend to it alone); block tables are max_model_len wide; attention is the Triton
 paged kernel, whose shapes do not depend on sequence lengths. The graphs end at the final norm: the LM head
@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from model.paged_attention import PagedAttention
+from model.engine.attention import TritonAttention
+from model.engine.sequence import Sequence
 from model.qwen2vl import Qwen2VL
-from model.sequence import Sequence
 
 
 def padded_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -62,7 +62,7 @@ class DecodeGraphs:
     def _forward(self, size: int) -> torch.Tensor:
         """The step on the first `size` rows of the static buffers -> final hidden states (size, hidden)."""
         ids, positions, slots, lens = self.inputs[:, :size]
-        ctx = PagedAttention.decode_step(
+        ctx = TritonAttention.decode_only(
             self.k_cache, self.v_cache, slots, self.tables[:size], lens.to(torch.int32)
         )
         x = self.model.model.embed_tokens(ids)
