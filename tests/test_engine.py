@@ -446,3 +446,39 @@ def test_attention_backend_must_run_here(setup):
     assert Engine(model, EngineConfig(num_kv_blocks=4)).runner.backend == "sdpa"  # the CPU's default
     with pytest.raises(ValueError, match="triton attention backend"):
         Engine(model, EngineConfig(num_kv_blocks=4)).runner.use_decode_graphs(4, 64, capture=False)
+
+
+def test_requests_added_while_others_decode_join_their_steps(setup, workload, monkeypatch):
+    """The incremental interface: a request added mid-run is prefilled beside running decodes, an aborted
+    one frees its blocks, a refused one comes back from step(); every output equals generate() alone."""
+    model, processor = setup
+    inputs, reference = workload
+    engine = Engine(model, ENGINE_CONFIGS["roomy"], tokenizer=processor.tokenizer)
+    free_at_start = engine.blocks.num_free
+    steps: list[set[int]] = []
+    schedule = engine.scheduler.schedule
+
+    def logged():
+        batch = schedule()
+        steps.append({s.index for s in batch.seqs})
+        return batch
+
+    monkeypatch.setattr(engine.scheduler, "schedule", logged)
+    requests = greedy_requests(inputs)
+    first = {engine.add_request(r): i for i, r in enumerate(requests[:6])}
+    outputs = {}
+    while len(steps) < 3:  # the first requests are decoding now
+        outputs.update({o.index: o for o in engine.step()})
+    second = {engine.add_request(r): i for i, r in enumerate(requests[6:], start=6)}
+    refused = engine.add_request(Request([]))
+    doomed = engine.add_request(requests[0])
+    outputs.update({o.index: o for o in engine.step()})
+    engine.abort(doomed)
+    while engine.has_unfinished:
+        outputs.update({o.index: o for o in engine.step()})
+    assert any(step & set(first) and step & set(second) for step in steps)  # the two groups share steps
+    assert outputs.pop(refused).finish_reason == "error" and doomed not in outputs
+    assert set(outputs) == set(first) | set(second)
+    for rid, i in {**first, **second}.items():
+        assert_same_greedy(model, inputs[i], reference[i], outputs[rid])
+    assert engine.blocks.num_free == free_at_start and not engine.has_unfinished

@@ -115,6 +115,9 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_batch_tokens)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.stats = EngineStats()
+        self._next_id = 0
+        self._live: dict[int, Sequence] = {}  # request id -> its sequence, until it finishes
+        self._refused: list[RequestOutput] = []  # outputs of refused requests, for the next step()
 
     @classmethod
     def from_pretrained(
@@ -165,41 +168,75 @@ class Engine:
 
     # --- the loop -------------------------------------------------------------------------------------------
 
+    def add_request(self, request: Request) -> int:
+        """Queue a request and return its id; it is prefilled in the next steps (chunked, under the step's
+        token budget) beside the decodes already running. A request the engine refuses comes back from the
+        next step() as an output with finish_reason 'error'."""
+        rid = self._next_id
+        self._next_id += 1
+        try:
+            seq = Sequence.from_request(
+                rid, request, self.model_config, self.max_model_len, self.blocks, self.tokenizer is not None
+            )
+        except ValueError as e:
+            self._refused.append(RequestOutput.failed(rid, request, str(e)))
+            return rid
+        seq.timings.arrival = time.perf_counter()
+        self._live[rid] = seq
+        self.scheduler.add(seq)
+        return rid
+
+    @property
+    def has_unfinished(self) -> bool:
+        """Whether a request is still waiting, running, or has an output step() has not handed back yet."""
+        return bool(self._refused) or self.scheduler.has_unfinished
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued but not yet admitted (their prefill has not started)."""
+        return len(self.scheduler.waiting)
+
+    def abort(self, request_id: int) -> None:
+        """Drop a request that has not finished; its KV blocks go back at once and no output follows."""
+        seq = self._live.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.finish(seq, "error", "aborted")
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule and run one step; returns the outputs of the requests that finished in it."""
+        outputs, self._refused = self._refused, []
+        for seq in self._step():
+            self._live.pop(seq.index, None)
+            outputs.append(seq.output())
+        return outputs
+
     def generate(
         self, requests: Seq[Request], progress: Callable[[RequestOutput], None] | None = None
     ) -> list[RequestOutput]:
-        """Run all requests to completion; outputs come back in request order. `progress` is called with
-        each output as its request finishes."""
+        """Run all requests to completion (a loop over add_request and step); outputs come back in request
+        order, their index the position in `requests`. `progress` is called with each as it finishes."""
         start = time.perf_counter()
         self.stats = EngineStats()
         vision_before = self.runner.vision_seconds, self.runner.vision_patches
         graph_steps_before = self.runner.decode_graphs.steps if self.runner.decode_graphs else 0
+        position = {self.add_request(req): i for i, req in enumerate(requests)}
         outputs: list[RequestOutput | None] = [None] * len(requests)
-        for i, req in enumerate(requests):
-            try:
-                seq = Sequence.from_request(
-                    i, req, self.model_config, self.max_model_len, self.blocks, self.tokenizer is not None
-                )
-            except ValueError as e:
-                outputs[i] = RequestOutput.failed(i, req, str(e))
-                if progress:
-                    progress(outputs[i])
-                continue
-            seq.timings.arrival = start
-            self.scheduler.add(seq)
         idle_steps = 0
         try:
-            while self.scheduler.has_unfinished:
+            while any(o is None for o in outputs):
                 steps_before = self.stats.steps
-                for seq in self.step():
-                    outputs[seq.index] = seq.output()
+                for out in self.step():
+                    if out.index not in position:
+                        continue  # a request added by someone else: not ours to return
+                    out.index = position[out.index]
+                    outputs[out.index] = out
                     if progress:
-                        progress(outputs[seq.index])
+                        progress(out)
                 idle_steps = idle_steps + 1 if self.stats.steps == steps_before else 0
-                if idle_steps > 2:
+                if idle_steps > 2 and any(o is None for o in outputs):
                     raise RuntimeError("engine made no progress: the scheduler found nothing to run")
         except BaseException:
-            self.scheduler.abort_all()  # leave the engine usable for the next call
+            self.abort_all()  # leave the engine usable for the next call
             raise
         self.stats.wall_seconds = time.perf_counter() - start
         self.stats.vision_seconds = self.runner.vision_seconds - vision_before[0]
@@ -208,7 +245,13 @@ class Engine:
             self.stats.graph_steps = self.runner.decode_graphs.steps - graph_steps_before
         return outputs
 
-    def step(self) -> list[Sequence]:
+    def abort_all(self) -> None:
+        """Drop every unfinished request (after a failed step), freeing the cache."""
+        self.scheduler.abort_all()
+        self._live.clear()
+        self._refused.clear()
+
+    def _step(self) -> list[Sequence]:
         """Schedule and run one step; returns the sequences that finished in it."""
         batch = self.scheduler.schedule()
         self.stats.preemptions += len(batch.preempted)

@@ -46,7 +46,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_visual_tokens: int
     num_generated_tokens: int
-    # seconds from the generate() call: queued_s until first scheduled, first_token_s, total_s until finished
+    # seconds from add_request: queued_s until first scheduled, first_token_s, total_s until finished
     timings: dict[str, float]
     num_preemptions: int = 0
     logprobs: list[dict[int, float]] | None = None
