@@ -192,9 +192,9 @@ class Engine:
         return bool(self._refused) or self.scheduler.has_unfinished
 
     @property
-    def num_waiting(self) -> int:
-        """Requests queued but not yet admitted (their prefill has not started)."""
-        return len(self.scheduler.waiting)
+    def waiting_request_ids(self) -> list[int]:
+        """Requests queued but not admitted yet (their prefill has not started)."""
+        return [seq.index for seq in self.scheduler.waiting]
 
     def abort(self, request_id: int) -> None:
         """Drop a request that has not finished; its KV blocks go back at once and no output follows."""
