@@ -135,7 +135,9 @@ def infer_cpus(job: Job, num_gpus: float) -> float:
         return 0.5
     others = r.decode_workers * r.cpus_per_decode_worker + min(1.0, r.cpus_per_decode_worker) + 0.5
     left = ray.cluster_resources().get("CPU", 1.0) - others
-    return max(1.0, math.floor(left / r.gpu_workers * 4) / 4)
+    # Never more than this node's cores: logical CPUs beyond them add no compute, and an actor holding
+    # them all starves the next run's pools while a restarted worker of this one is still shutting down.
+    return max(1.0, min(math.floor(left / r.gpu_workers * 4) / 4, float(os.cpu_count() or 1)))
 
 
 def infer_faults(job: Job) -> dict[str, Any]:

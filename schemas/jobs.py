@@ -97,7 +97,8 @@ class Resources(Strict):
         gt=0.0,
         description="CPUs each inference actor asks for; on a machine without GPUs also the torch threads it "
         "computes with (at most the node's cores). null: 1 where the cluster has GPUs; on a CPU-only "
-        "cluster what the decode workers and the light stages leave, shared among gpu_workers.",
+        "cluster what the decode workers and the light stages leave, shared among gpu_workers, at most "
+        "the node's cores.",
     )
     max_pack_tokens: int = Field(
         16384,
