@@ -133,11 +133,24 @@ def infer_cpus(job: Job, num_gpus: float) -> float:
         return r.cpus_per_gpu_worker
     if num_gpus > 0:
         return 0.5
-    others = r.decode_workers * r.cpus_per_decode_worker + min(1.0, r.cpus_per_decode_worker) + 0.5
+    # The prepare pool grows to decode_workers actors: count it at that size, or the pools can fill the
+    # cluster to the last CPU and the light pack/postprocess tasks never start.
+    others = r.decode_workers * (r.cpus_per_decode_worker + min(1.0, r.cpus_per_decode_worker)) + 0.5
     left = ray.cluster_resources().get("CPU", 1.0) - others
     # Never more than this node's cores: logical CPUs beyond them add no compute, and an actor holding
     # them all starves the next run's pools while a restarted worker of this one is still shutting down.
     return max(1.0, min(math.floor(left / r.gpu_workers * 4) / 4, float(os.cpu_count() or 1)))
+
+
+def packs_in_flight(n: int) -> dict[str, Any]:
+    """Actor-pool settings for `n` packs at once per inference worker, each call in a thread of its own."""
+    if n == 1:
+        return {}
+    return {
+        "max_tasks_in_flight_per_actor": n,
+        "max_concurrent_calls_per_actor": n,
+        "enable_true_multi_threading": True,  # each call waits on the shared engine in its own thread
+    }
 
 
 def infer_faults(job: Job) -> dict[str, Any]:
@@ -214,12 +227,7 @@ def build_dataset(job: Job, items: list[Item], job_id: str, model: tuple[str, st
             },
             batch_size=1,  # one pack per call; several calls at once keep the engine full across packs
             batch_format="pyarrow",
-            compute=ActorPoolStrategy(
-                size=r.gpu_workers,
-                max_tasks_in_flight_per_actor=r.max_packs_in_flight,
-                max_concurrent_calls_per_actor=r.max_packs_in_flight,
-                enable_true_multi_threading=True,  # each call waits on the shared engine in its own thread
-            ),
+            compute=ActorPoolStrategy(size=r.gpu_workers, **packs_in_flight(r.max_packs_in_flight)),
             num_gpus=num_gpus,
             num_cpus=cpus,
             # A dead GPU worker is restarted (model loaded again) and its batches redone, a bounded number
