@@ -1,15 +1,7 @@
-"""The GPU stage: an actor that loads the checkpoint once and keeps one engine full across packs.
+"""The GPU stage: an actor that loads the checkpoint once and generates for packs of unit rows.
 
-Ray Data runs up to `max_packs_in_flight` calls at once on each actor, each in a thread of its own (one pack
-per call). Every call hands its units to the worker's `EngineFeeder`, the one thread that owns the engine:
-it adds requests while the engine has room and steps it as long as anything is unfinished, so rows of a
-new pack are prefilled beside the decodes of earlier ones and continuous batching never stops at a pack
-edge. A call returns its pack's rows as soon as they are all generated. Why a feeder thread and plain
-threaded calls rather than an async UDF: an engine step is seconds of blocking GPU/CPU work that would
-stall an actor's event loop, and Ray 2.60's restarts of an async actor whose calls keep killing it hung
-where a threaded actor's end in an error the job accounts for (tests/test_faults.py). Pixels arrive as
-uint8 at the model's size; normalisation and patchify run on the model's device when a unit joins the
-engine, and only `max_waiting_bytes` of such model-ready pixels may wait there for a slot.
+Each actor holds one long-lived engine (`model.engine`, continuous batching). Pixels arrive as uint8 at the
+model's size; normalisation and patchify run on the model's device.
 
 Fault drill: VLBATCH_FAULT_INFER_EXIT="SUBSTRING[:TIMES]" (read on the driver) makes a GPU worker
 `os._exit` after generating a pack that holds an item whose URI contains SUBSTRING, at most TIMES times
@@ -18,13 +10,8 @@ in all (default 1), counted in files so that restarted workers see the earlier e
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import hashlib
-import math
 import os
-import queue
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -92,10 +79,9 @@ class Backend:
         model_path: str,
         dtype: str,
         device: str,
-        max_step_tokens: int,
+        max_batch_tokens: int,
         gpu_share: float = 1.0,
         max_model_len: int | None = None,
-        max_num_seqs: int = 256,
     ):
         from model.config import read_eos_token_ids
         from model.engine import Engine, EngineConfig
@@ -106,9 +92,7 @@ class Backend:
         self.device = pick_device(device)
         self.processor = Processor.from_pretrained(model_path)
         self.model = Qwen2VL.from_pretrained(model_path, dtype=DTYPES[dtype], device=self.device)
-        config = EngineConfig(
-            max_batch_tokens=max_step_tokens, max_model_len=max_model_len, max_num_seqs=max_num_seqs
-        )
+        config = EngineConfig(max_batch_tokens=max(max_batch_tokens, 256), max_model_len=max_model_len)
         if self.device.startswith("cuda") and 0 < gpu_share < 1:
             # Workers sharing a GPU each take their share of the memory free at start for the KV cache.
             config.kv_cache_fraction = CUDA_KV_CACHE_FRACTION * gpu_share
@@ -127,8 +111,7 @@ class Backend:
             return {"pixel_values_videos": pixel_values, "video_grid_thw": grid}
         return {"pixel_values": pixel_values, "image_grid_thw": grid}
 
-    def request(self, unit: UnitPrompt, sampling: Sampling):
-        """The engine request of one unit (its pixels made model-ready on the device)."""
+    def generate(self, units: list[UnitPrompt], sampling: Sampling) -> list[Generation]:
         from model.engine import Request, SamplingParams
 
         params = SamplingParams(
@@ -139,114 +122,14 @@ class Backend:
             stop=tuple(sampling.stop),
             seed=sampling.seed,
         )
-        return Request(unit.input_ids, **self.vision_inputs(unit), sampling=params)
-
-    def waiting_room_bytes(self, max_waiting_bytes: int | None) -> int:
-        """The job's bound on model-ready pixels waiting in the engine, or one sized from the device."""
-        if max_waiting_bytes is not None:
-            return max_waiting_bytes
-        if self.device.startswith("cuda"):
-            return torch.cuda.get_device_properties(self.device).total_memory // 50
-        return 512 << 20
-
-
-def generation_of(output) -> Generation:
-    return Generation(
-        output.text, output.finish_reason, output.num_generated_tokens, output.timings.get("total_s", 0.0),
-        output.error,
-    )
-
-
-class EngineFeeder:
-    """The one thread that drives a worker's engine: units from any number of packs go in as room frees,
-    each output goes back to the future its pack waits on."""
-
-    def __init__(self, backend: Backend, sampling: Sampling, max_waiting_bytes: int):
-        self.backend, self.engine, self.sampling = backend, backend.engine, sampling
-        self.max_waiting_bytes = max_waiting_bytes
-        self.inbox: queue.Queue = queue.Queue()
-        self.futures: dict[int, concurrent.futures.Future] = {}
-        # request id -> bytes of its model-ready pixels, until the engine admits it
-        self.waiting_bytes: dict[int, int] = {}
-        self.units: dict[int, UnitPrompt] = {}  # request id -> its unit, until it finishes
-        self.busy_s = 0.0  # seconds in engine steps not yet claimed by a finished pack
-        self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self._run, name="engine-feeder", daemon=True)
-        self.thread.start()
-
-    def submit(self, unit: UnitPrompt) -> concurrent.futures.Future:
-        """A future of the unit's Generation."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self.inbox.put((unit, future))
-        return future
-
-    def take_busy_s(self) -> float:
-        """Engine seconds since the last call: summed over packs, the worker's busy time, never counted
-        twice however packs overlap."""
-        with self.lock:
-            busy, self.busy_s = self.busy_s, 0.0
-        return busy
-
-    def _room(self) -> bool:
-        waiting = set(self.engine.waiting_request_ids)
-        for rid in [r for r in self.waiting_bytes if r not in waiting]:
-            del self.waiting_bytes[rid]  # admitted: its pixels are the engine's to encode and free
-        return not self.waiting_bytes or sum(self.waiting_bytes.values()) < self.max_waiting_bytes
-
-    def _add(self, unit: UnitPrompt, future: concurrent.futures.Future) -> None:
-        try:
-            request = self.backend.request(unit, self.sampling)
-        except Exception as e:  # a unit the device cannot take: its own error row
-            future.set_result(Generation("", "error", 0, 0.0, f"{type(e).__name__}: {e}"))
-            return
-        rid = self.engine.add_request(request)
-        self.futures[rid] = future
-        self.units[rid] = unit
-        self.waiting_bytes[rid] = sum(
-            t.numel() * t.element_size() for t in (request.pixel_values, request.pixel_values_videos)
-            if t is not None
-        )
-
-    def _run(self) -> None:
-        pending: collections.deque = collections.deque()
-        while True:
-            if not pending and not self.engine.has_unfinished:
-                pending.append(self.inbox.get())  # idle: sleep until a pack arrives
-            while True:
-                try:
-                    pending.append(self.inbox.get_nowait())
-                except queue.Empty:
-                    break
-            while pending and self._room():
-                self._add(*pending.popleft())
-            if not self.engine.has_unfinished:
-                continue
-            started = time.perf_counter()
-            try:
-                outputs = self.engine.step()
-            except Exception:  # the step failed as a whole: redo its requests one by one
-                self._redo_alone()
-                continue
-            finally:
-                with self.lock:
-                    self.busy_s += time.perf_counter() - started
-            for out in outputs:
-                self.units.pop(out.index, None)
-                self.futures.pop(out.index).set_result(generation_of(out))
-
-    def _redo_alone(self) -> None:
-        """After a failed step: every unfinished unit alone, so one bad unit cannot sink the others."""
-        self.engine.abort_all()
-        todo = [(self.units[rid], future) for rid, future in self.futures.items()]
-        self.futures.clear()
-        self.units.clear()
-        self.waiting_bytes.clear()
-        for unit, future in todo:
-            try:
-                (out,) = self.engine.generate([self.backend.request(unit, self.sampling)])
-                future.set_result(generation_of(out))
-            except Exception as e:
-                future.set_result(Generation("", "error", 0, 0.0, f"{type(e).__name__}: {e}"))
+        requests = [Request(u.input_ids, **self.vision_inputs(u), sampling=params) for u in units]
+        outputs = self.engine.generate(requests)
+        return [
+            Generation(
+                o.text, o.finish_reason, o.num_generated_tokens, o.timings.get("total_s", 0.0), o.error
+            )
+            for o in outputs
+        ]
 
 
 def claim_fault(fault: Fault, fault_dir: str) -> bool:
@@ -265,8 +148,7 @@ def claim_fault(fault: Fault, fault_dir: str) -> bool:
 
 
 class Infer:
-    """Ray Data stage (actor pool, `num_gpus` per actor, threaded calls): packs of prepared rows in, result
-    rows out; several packs at once share the worker's one engine."""
+    """Ray Data stage (actor pool, `num_gpus` per actor): packs of prepared rows in, result rows out."""
 
     def __init__(
         self,
@@ -275,28 +157,16 @@ class Infer:
         sampling: dict[str, Any],
         dtype: str = "bfloat16",
         device: str = "auto",
-        max_step_tokens: int = 16384,
+        max_batch_tokens: int = 16384,
         gpu_share: float = 1.0,
         faults: tuple[Fault, ...] = (),
         fault_dir: str | None = None,
         max_model_len: int | None = None,
-        max_num_seqs: int = 256,
-        max_waiting_bytes: int | None = None,
-        cpu_threads: float | None = None,
     ):
         if faults and fault_dir is None:
             raise ValueError("infer fault drills need a fault_dir to count their exits in")
-        if cpu_threads is not None and pick_device(device) == "cpu":
-            # Ray sets OMP_NUM_THREADS to the actor's CPUs rounded down (1 for a fraction): compute with the
-            # CPUs this worker was given, never more threads than the node has cores.
-            torch.set_num_threads(max(1, min(math.ceil(cpu_threads), os.cpu_count() or 1)))
-        self.backend = Backend(
-            model_path, dtype, device, max_step_tokens, gpu_share, max_model_len, max_num_seqs
-        )
+        self.backend = Backend(model_path, dtype, device, max_batch_tokens, gpu_share, max_model_len)
         self.sampling = Sampling.model_validate(sampling)
-        self.feeder = EngineFeeder(
-            self.backend, self.sampling, self.backend.waiting_room_bytes(max_waiting_bytes)
-        )
         self.schema = result_schema(record)
         self.faults, self.fault_dir = faults, fault_dir
 
@@ -306,12 +176,30 @@ class Infer:
             if any(fault.substring in str(r["uri"]) for r in rows) and claim_fault(fault, self.fault_dir):
                 os._exit(FAULT_EXIT_CODE)
 
+    def generate(self, units: list[UnitPrompt]) -> list[Generation]:
+        """All at once; if the pack fails as a whole, unit by unit so one bad row cannot sink the others."""
+        try:
+            return self.backend.generate(units, self.sampling)
+        except Exception:
+            if len(units) == 1:
+                raise
+        out = []
+        for u in units:
+            try:
+                out.extend(self.backend.generate([u], self.sampling))
+            except Exception as e:
+                out.append(Generation("", "error", 0, 0.0, f"{type(e).__name__}: {e}"))
+        return out
+
     def run_pack(self, table: pa.Table) -> list[dict[str, Any]]:
-        """One pack's rows with their generations; the pack's units share the engine with other packs'."""
+        started = time.perf_counter()
         rows = table.drop_columns([PIXELS]).to_pylist()
         todo = [i for i, r in enumerate(rows) if r["status"] == "ok"]
-        futures = [self.feeder.submit(UnitPrompt(rows[i][INPUT_IDS], pixels_at(table, i))) for i in todo]
-        generations = [f.result() for f in futures]
+        units = [UnitPrompt(rows[i][INPUT_IDS], pixels_at(table, i)) for i in todo]
+        try:
+            generations = self.generate(units) if units else []
+        except Exception as e:
+            generations = [Generation("", "error", 0, 0.0, f"{type(e).__name__}: {e}")] * len(units)
         for i, g in zip(todo, generations):
             row = rows[i]
             row.update(
@@ -325,7 +213,7 @@ class Infer:
         if self.faults:  # after the work, before its results leave: the worst moment to die
             self.maybe_die(rows)
         if rows:
-            rows[0][BUSY_S] = self.feeder.take_busy_s()
+            rows[0][BUSY_S] = time.perf_counter() - started
         return rows
 
     def __call__(self, packs: pa.Table) -> pa.Table:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import math
 import os
 import secrets
 import time
@@ -123,36 +122,6 @@ def gpus_per_infer_worker(job: Job) -> float:
     return job.resources.gpus_per_worker if cluster_gpus > 0 else 0.0
 
 
-def infer_cpus(job: Job, num_gpus: float) -> float:
-    """CPUs of each inference actor: the spec's, else 0.5 beside a GPU; on a CPU-only cluster what the
-    decode workers, the prepare actor and the light stages leave (the actor computes on them)."""
-    import ray
-
-    r = job.resources
-    if r.cpus_per_gpu_worker is not None:
-        return r.cpus_per_gpu_worker
-    if num_gpus > 0:
-        return 0.5
-    # The prepare pool grows to decode_workers actors: count it at that size, or the pools can fill the
-    # cluster to the last CPU and the light pack/postprocess tasks never start.
-    others = r.decode_workers * (r.cpus_per_decode_worker + min(1.0, r.cpus_per_decode_worker)) + 0.5
-    left = ray.cluster_resources().get("CPU", 1.0) - others
-    # Never more than this node's cores: logical CPUs beyond them add no compute, and an actor holding
-    # them all starves the next run's pools while a restarted worker of this one is still shutting down.
-    return max(1.0, min(math.floor(left / r.gpu_workers * 4) / 4, float(os.cpu_count() or 1)))
-
-
-def packs_in_flight(n: int) -> dict[str, Any]:
-    """Actor-pool settings for `n` packs at once per inference worker, each call in a thread of its own."""
-    if n == 1:
-        return {}
-    return {
-        "max_tasks_in_flight_per_actor": n,
-        "max_concurrent_calls_per_actor": n,
-        "enable_true_multi_threading": True,  # each call waits on the shared engine in its own thread
-    }
-
-
 def infer_faults(job: Job) -> dict[str, Any]:
     """The GPU-worker fault drill of VLBATCH_FAULT_INFER_EXIT, read on the driver, for the infer actors.
 
@@ -200,12 +169,11 @@ def build_dataset(job: Job, items: list[Item], job_id: str, model: tuple[str, st
     )
     ds = ds.map_batches(
         pack_table,
-        fn_kwargs={"max_batch_tokens": r.max_pack_tokens},
+        fn_kwargs={"max_batch_tokens": r.max_batch_tokens},
         batch_size=PACK_WINDOW_ROWS,
         batch_format="pyarrow",
         num_cpus=0.25,
     )
-    cpus = infer_cpus(job, num_gpus)
     with warnings.catch_warnings():
         # Ray 2.60 has no named parameter for actor restarts yet, and warns on the generic ones.
         warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated", category=Warning)
@@ -217,19 +185,16 @@ def build_dataset(job: Job, items: list[Item], job_id: str, model: tuple[str, st
                 "dtype": job.dtype,
                 "device": device,
                 "sampling": job.sampling.model_dump(),
-                "max_step_tokens": r.max_step_tokens,
+                "max_batch_tokens": r.max_batch_tokens,
                 "max_model_len": model_context(job.model, job.max_model_len),
-                "max_num_seqs": r.max_seqs_in_flight,
-                "max_waiting_bytes": r.max_waiting_bytes,
-                "cpu_threads": cpus,
                 "gpu_share": num_gpus,
                 **infer_faults(job),
             },
-            batch_size=1,  # one pack per call; several calls at once keep the engine full across packs
+            batch_size=1,
             batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=r.gpu_workers, **packs_in_flight(r.max_packs_in_flight)),
+            compute=ActorPoolStrategy(size=r.gpu_workers),
             num_gpus=num_gpus,
-            num_cpus=cpus,
+            num_cpus=1 if num_gpus == 0 else 0.5,
             # A dead GPU worker is restarted (model loaded again) and its batches redone, a bounded number
             # of times: Ray's default is forever, which a batch that kills every worker turns into a hang.
             # Rows of a first attempt that already reached the driver are dropped there as repeats.

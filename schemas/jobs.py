@@ -9,7 +9,6 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -92,41 +91,11 @@ class Resources(Strict):
         description="GPUs per inference actor (several: tensor parallel); 0 on CPU-only "
         "machines. Ignored where the cluster has no GPUs or device is cpu.",
     )
-    cpus_per_gpu_worker: float | None = Field(
-        None,
-        gt=0.0,
-        description="CPUs each inference actor asks for; on a machine without GPUs also the torch threads it "
-        "computes with (at most the node's cores). null: 1 where the cluster has GPUs; on a CPU-only "
-        "cluster what the decode workers and the light stages leave, shared among gpu_workers, at most "
-        "the node's cores.",
-    )
-    max_pack_tokens: int = Field(
+    max_batch_tokens: int = Field(
         16384,
         ge=1,
-        validation_alias=AliasChoices("max_pack_tokens", "max_batch_tokens"),
-        description="Visual + prompt tokens of the rows one pack carries to an inference worker (a unit "
-        "larger than this travels alone). Also accepted as max_batch_tokens, its old name.",
-    )
-    max_step_tokens: int = Field(
-        16384,
-        ge=256,
-        description="Tokens the engine computes per step (prefill chunks + one per decoding sequence).",
-    )
-    max_seqs_in_flight: int = Field(
-        256, ge=1, description="Sequences an inference worker's engine holds at once (each with KV cache)."
-    )
-    max_packs_in_flight: int = Field(
-        1,
-        ge=1,
-        description="Packs a worker takes at once: above 1, new rows join the engine while earlier ones "
-        "still decode, so it stays full across pack edges. Default 1 until a known stall is fixed: with 4, "
-        "a local 2-core run committed nothing in 5 minutes in one test (tests/test_local_run.py).",
-    )
-    max_waiting_bytes: int | None = Field(
-        None,
-        ge=1,
-        description="Bytes of model-ready pixel values that may wait in a worker's engine for a free slot; "
-        "the rest of the packs in flight wait as uint8. null: 2% of the GPU's memory, 512 MiB on CPU.",
+        description="Visual + prompt tokens of the rows sent to a GPU worker at once, and "
+        "the engine's prefill budget per step.",
     )
 
 
