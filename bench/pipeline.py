@@ -45,11 +45,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.demo import scene  # noqa: E402
 from model.pixels import resize_video_frames  # noqa: E402
-from pipeline.documents import DocumentConfig, RasteriseDocument, render_scale  # noqa: E402
-from pipeline.job import make_decoder  # noqa: E402
-from pipeline.prepare import DecodeUnits  # noqa: E402
+from pipeline.decode.documents import DocumentConfig, RasteriseDocument, render_scale  # noqa: E402
+from pipeline.decode.stage import (
+    DecodeUnits,  # noqa: E402
+    make_decoder,  # noqa: E402
+)
+from pipeline.decode.video import DecodeVideo, probe_video  # noqa: E402
+from pipeline.decode.windows import VideoDecodeConfig, plan_windows  # noqa: E402
 from pipeline.sources import Item, expand_inputs  # noqa: E402
-from pipeline.video import DecodeVideo, VideoDecodeConfig, plan_windows, probe_video  # noqa: E402
 from schemas import CaptionRecord, PageRecord, validate_job  # noqa: E402
 
 VIDEO_SIZES = ((640, 360), (1280, 720))
@@ -231,7 +234,7 @@ def report(title: str, unit: str, r: dict, same: str) -> None:
 
 def bench_end_to_end(caption_job, ocr_job) -> dict:
     from jobs.run import connect_ray
-    from pipeline.job import run_job
+    from pipeline.driver import run_job
 
     connect_ray(caption_job)
     out = {}

@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlbatch {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        from pipeline.job import JobInterrupted
+        from pipeline.driver import JobInterrupted
 
         done = (
             f"{e.items_done} of {e.items} items are committed in {e.output}; "

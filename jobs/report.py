@@ -200,7 +200,8 @@ def _unreadable(uri: str, error: Exception) -> str:
 
 def video_previews(job: CaptionVideosJob, rows: list[dict[str, Any]]) -> dict[int, str]:
     """Frames of each sampled window, decoded again from its video; keyed by the row's position in `rows`."""
-    from pipeline.video import VideoDecodeConfig, decode_video
+    from pipeline.decode.video import decode_video
+    from pipeline.decode.windows import VideoDecodeConfig
 
     cfg = VideoDecodeConfig.from_job(job)
     by_uri: dict[str, dict[int, int]] = defaultdict(dict)
@@ -222,7 +223,7 @@ def video_previews(job: CaptionVideosJob, rows: list[dict[str, Any]]) -> dict[in
 
 
 def frame_strip(window: dict[str, Any], row: dict[str, Any]) -> str:
-    frames, stamps = window["frames"], window["timestamps"]
+    frames, stamps = window["pixels"], window["frame_timestamps"]
     picks = sorted({round(i * (len(frames) - 1) / max(FRAMES_SHOWN - 1, 1)) for i in range(FRAMES_SHOWN)})
     if len(frames) <= FRAMES_SHOWN:
         picks = list(range(len(frames)))
@@ -241,7 +242,7 @@ def frame_strip(window: dict[str, Any], row: dict[str, Any]) -> str:
 
 def page_previews(job: Any, rows: list[dict[str, Any]]) -> dict[int, str]:
     """Each sampled page rendered again from its document, as the model was given it."""
-    from pipeline.documents import DocumentConfig, iter_document_pages
+    from pipeline.decode.documents import DocumentConfig, iter_document_pages
 
     previews: dict[int, str] = {}
     for k, row in enumerate(rows):
@@ -252,7 +253,7 @@ def page_previews(job: Any, rows: list[dict[str, Any]]) -> dict[int, str]:
             page = next(p for p in pages if p.get("page_index") == row["page_index"])
             if page["status"] != "ok":
                 raise ValueError(page["error_message"])
-            previews[k] = thumb(page["image"], "page", PAGE_SIDE, f"page {number}")
+            previews[k] = thumb(page["pixels"], "page", PAGE_SIDE, f"page {number}")
         except Exception as err:
             previews[k] = _unreadable(row["uri"], err)
     return previews

@@ -105,7 +105,7 @@ def run(
     verbose: bool = False,
 ):
     """Run `job` to the end and return its summary; the manifest lies beside the Parquet output."""
-    from pipeline.job import run_job
+    from pipeline.driver import run_job
 
     connect = lambda: connect_ray(job, address, verbose)
     return run_job(job, progress=progress, connect=connect, verbose=verbose)

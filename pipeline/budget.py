@@ -55,9 +55,10 @@ def token_budget(job: CaptionVideosJob | OcrDocumentsJob, processor=None) -> Tok
     """The budget of every unit of `job` (its prompt is the same for every unit, so is its text)."""
     from model.processor import Processor
     from pipeline.prepare import messages_for, visual_item
+    from pipeline.tasks import task_of
 
     processor = processor or Processor.from_pretrained(job.model)
-    shape = [2, 28, 28, 3] if isinstance(job, CaptionVideosJob) else [28, 28, 3]
+    shape = list(task_of(job).sample_shape)
     prompt = processor.count_tokens(messages_for(visual_item(shape), job.prompt, job.system_prompt))
     context = model_context(job.model, job.max_model_len)
     return TokenBudget(context, prompt.text_tokens, job.sampling.max_new_tokens)

@@ -1,17 +1,13 @@
 """The GPU stage: an actor that loads the checkpoint once and generates for packs of unit rows.
 
 Each actor holds one long-lived engine (`model.engine`, continuous batching). Pixels arrive as uint8 at the
-model's size; normalisation and patchify run on the model's device.
-
-Fault drill: VLBATCH_FAULT_INFER_EXIT="SUBSTRING[:TIMES]" (read on the driver) makes a GPU worker
-`os._exit` after generating a pack that holds an item whose URI contains SUBSTRING, at most TIMES times
-in all (default 1), counted in files so that restarted workers see the earlier exits.
+model's size; normalisation and patchify run on the model's device. The GPU worker's fault drill
+(VLBATCH_FAULT_INFER_EXIT) is described in `pipeline/faults.py`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -22,15 +18,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.isolation import Fault
+from pipeline.faults import InferFaults
 from pipeline.packing import unpack_table
-from pipeline.prepare import BUSY_S, INPUT_IDS, PIXELS, error_fields, pixels_at, result_schema
-from schemas import CaptionRecord, PageRecord
-from schemas.jobs import Sampling
+from pipeline.rows import BUSY_S, INPUT_IDS, PIXELS, RecordModel, error_fields, pixels_at, result_schema
+from schemas.jobs import MAX_BATCH_TOKENS, Sampling
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-FAULT_INFER_EXIT_ENV = "VLBATCH_FAULT_INFER_EXIT"
-FAULT_EXIT_CODE = 17
 
 
 def pick_device(device: str) -> str:
@@ -132,49 +125,25 @@ class Backend:
         ]
 
 
-def claim_fault(fault: Fault, fault_dir: str) -> bool:
-    """True for the first `fault.times` claims of this fault, by whatever process makes them.
-
-    Each claim is a file created exclusively, so concurrent or restarted workers never count one twice.
-    """
-    tag = hashlib.sha1(fault.substring.encode()).hexdigest()[:12]
-    for k in range(fault.times):
-        try:
-            os.close(os.open(os.path.join(fault_dir, f"infer-exit-{tag}-{k}"), os.O_CREAT | os.O_EXCL))
-        except FileExistsError:
-            continue
-        return True
-    return False
-
-
 class Infer:
     """Ray Data stage (actor pool, `num_gpus` per actor): packs of prepared rows in, result rows out."""
 
     def __init__(
         self,
         model_path: str,
-        record: type[CaptionRecord] | type[PageRecord],
+        record: RecordModel,
         sampling: dict[str, Any],
         dtype: str = "bfloat16",
         device: str = "auto",
-        max_batch_tokens: int = 16384,
+        max_batch_tokens: int = MAX_BATCH_TOKENS,
         gpu_share: float = 1.0,
-        faults: tuple[Fault, ...] = (),
-        fault_dir: str | None = None,
+        faults: InferFaults | None = None,
         max_model_len: int | None = None,
     ):
-        if faults and fault_dir is None:
-            raise ValueError("infer fault drills need a fault_dir to count their exits in")
         self.backend = Backend(model_path, dtype, device, max_batch_tokens, gpu_share, max_model_len)
         self.sampling = Sampling.model_validate(sampling)
         self.schema = result_schema(record)
-        self.faults, self.fault_dir = faults, fault_dir
-
-    def maybe_die(self, rows: list[dict[str, Any]]) -> None:
-        """The fault drill: exit the whole worker process, as a GPU fault or the OOM killer would."""
-        for fault in self.faults:
-            if any(fault.substring in str(r["uri"]) for r in rows) and claim_fault(fault, self.fault_dir):
-                os._exit(FAULT_EXIT_CODE)
+        self.faults = faults or InferFaults()
 
     def generate(self, units: list[UnitPrompt]) -> list[Generation]:
         """All at once; if the pack fails as a whole, unit by unit so one bad row cannot sink the others."""
@@ -210,8 +179,8 @@ class Infer:
             )
             if g.finish_reason == "error":
                 row.update(error_fields(row["uri"], "infer", g.error or "generation failed"))
-        if self.faults:  # after the work, before its results leave: the worst moment to die
-            self.maybe_die(rows)
+        # The drill strikes after the work, before its results leave: the worst moment to die.
+        self.faults.maybe_exit([str(r["uri"]) for r in rows])
         if rows:
             rows[0][BUSY_S] = time.perf_counter() - started
         return rows

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-COST_COLUMN = "cost_tokens"
+from pipeline.rows import COST_COLUMN
 
 
 @dataclass

@@ -14,6 +14,8 @@ import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import pyarrow.fs as pafs
@@ -22,8 +24,16 @@ ENDPOINT_ENVS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")  # the service-speci
 REGION_ENVS = ("AWS_REGION", "AWS_DEFAULT_REGION")
 CONNECT_TIMEOUT_S = 5.0
 REQUEST_TIMEOUT_S = 120.0
-DENIED_CODES = ("ACCESS_DENIED", "AccessDenied", "INVALID_ACCESS_KEY_ID", "InvalidAccessKeyId",
-                "SIGNATURE_DOES_NOT_MATCH", "SignatureDoesNotMatch", "HTTP response code 403")
+DENIED_CODES = (
+    "ACCESS_DENIED",
+    "AccessDenied",
+    "INVALID_ACCESS_KEY_ID",
+    "InvalidAccessKeyId",
+    "SIGNATURE_DOES_NOT_MATCH",
+    "SignatureDoesNotMatch",
+    "HTTP response code 403",
+)
+TMP_PREFIX = "_tmp-"  # pyarrow.dataset and pandas ignore names starting with "_" or "."
 MAX_ATTEMPTS = 3  # per request, so an unreachable endpoint fails in seconds rather than retrying for minutes
 
 
@@ -77,8 +87,10 @@ def filesystem_from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
     """pyarrow's filesystem for a URI with a scheme (s3://, gs://, hdfs://, ...) and the path inside it."""
     url = urlparse(uri)
     if url.username or url.password:
-        raise ValueError(f"{redact(uri)}: credentials in a URI would land in the output's rows and manifest; "
-                         "put them in the environment (AWS_ACCESS_KEY_ID, ...) and drop them from the URI")
+        raise ValueError(
+            f"{redact(uri)}: credentials in a URI would land in the output's rows and manifest; "
+            "put them in the environment (AWS_ACCESS_KEY_ID, ...) and drop them from the URI"
+        )
     if url.scheme.lower() == "s3" and not url.query:
         path = (url.netloc + unquote(url.path)).rstrip("/")
         return _s3(_first_env(ENDPOINT_ENVS), _first_env(REGION_ENVS)), path
@@ -113,8 +125,11 @@ def explain(error: OSError, uri: str, where: str) -> ValueError:
     """A ValueError naming `uri` and the fix, for the object-store failures a user can cause."""
     text, s3 = str(error), urlparse(uri).scheme.lower() == "s3"
     endpoint = (_first_env(ENDPOINT_ENVS) or "the AWS default endpoint") if s3 else "the store"
-    credentials = ("AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the instance role" if s3
-                   else "GOOGLE_APPLICATION_CREDENTIALS or the instance's service account")
+    credentials = (
+        "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the instance role"
+        if s3
+        else "GOOGLE_APPLICATION_CREDENTIALS or the instance's service account"
+    )
     if "NO_SUCH_BUCKET" in text or "NoSuchBucket" in text:
         bucket = urlparse(uri).netloc
         fix = f"bucket {bucket!r} does not exist at {endpoint}; create it, or fix the bucket name"
@@ -122,8 +137,10 @@ def explain(error: OSError, uri: str, where: str) -> ValueError:
         rights = "read and write" if where.startswith("output") else "read"
         fix = f"access denied; give the job's credentials ({credentials}) {rights} rights on it"
     elif "NETWORK_CONNECTION" in text or "curlCode" in text or "Could not connect" in text:
-        fix = (f"cannot reach the endpoint {endpoint}; check AWS_ENDPOINT_URL or the spec's "
-               "storage.endpoint_url, and that the server is up")
+        fix = (
+            f"cannot reach the endpoint {endpoint}; check AWS_ENDPOINT_URL or the spec's "
+            "storage.endpoint_url, and that the server is up"
+        )
     elif "://" in uri:
         fix = f"object storage refused it ({text})"
     else:
@@ -163,3 +180,90 @@ def worker_env() -> dict:
     names = (*ENDPOINT_ENVS, *REGION_ENVS)
     env = {n: os.environ[n] for n in names if os.environ.get(n)}
     return {"runtime_env": {"env_vars": env}} if env else {}
+
+
+@dataclass(frozen=True)
+class OutputDir:
+    """Where a job's output lives: a local directory or an object-store prefix, as a pyarrow FileSystem and
+    a path inside it. Object stores have no directories: a prefix exists once a file is under it."""
+
+    fs: pafs.FileSystem
+    path: str  # inside `fs`, no trailing "/"
+    prefix: str  # "" for a local directory, "s3://" etc. for an object store
+
+    @classmethod
+    def of(cls, where: str | Path | OutputDir) -> OutputDir:
+        if isinstance(where, OutputDir):
+            return where
+        fs, path, prefix = resolve(str(where), "output")
+        return cls(fs, path.rstrip("/") or "/", prefix)
+
+    @property
+    def local(self) -> bool:
+        return not self.prefix
+
+    def uri(self, name: str = "") -> str:
+        """The output (or one file of it) as the user writes it: a local path or an s3:// URI."""
+        return self.prefix + (f"{self.path}/{name}" if name else self.path)
+
+    def __str__(self) -> str:
+        return self.uri()
+
+    def check(self) -> None:
+        """Fail now, naming the URI and the fix, if the bucket is missing, access denied or unreachable."""
+        check_reachable(self.fs, self.path, self.uri(), "output")
+
+    def names(self, start: str = "") -> list[str]:
+        """Names of the files directly in the output that start with `start`, sorted."""
+        if self.local:
+            out = Path(self.path)
+            return sorted(p.name for p in out.glob(f"{start}*") if p.is_file()) if out.is_dir() else []
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        except OSError as e:
+            raise explain(e, self.uri(), "output") from e
+        names = (info.base_name for info in infos if info.type == pafs.FileType.File)
+        return sorted(n for n in names if n.startswith(start))
+
+    def read_bytes(self, name: str) -> bytes | None:
+        """The whole of one file, None if it is not there."""
+        try:
+            with self.fs.open_input_stream(f"{self.path}/{name}") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            if self.fs.get_file_info(f"{self.path}/{name}").type == pafs.FileType.NotFound:
+                return None
+            raise explain(e, self.uri(name), "output") from e
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Commit one file whole: a renamed, fsynced temporary file locally, one upload on an object store."""
+        if self.local:
+            Path(self.path).mkdir(parents=True, exist_ok=True)
+            tmp = Path(self.path) / f"{TMP_PREFIX}{name}-{os.getpid()}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, Path(self.path) / name)
+            return
+        try:
+            # One write of the whole buffer, then close: the object appears at close, all of it.
+            stream = self.fs.open_output_stream(f"{self.path}/{name}")
+            stream.write(data)
+            stream.close()
+        except OSError as e:
+            raise explain(e, self.uri(name), "output") from e
+
+    def delete(self, name: str) -> None:
+        if self.local:
+            (Path(self.path) / name).unlink(missing_ok=True)
+            return
+        try:
+            self.fs.delete_file(f"{self.path}/{name}")
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            if self.fs.get_file_info(f"{self.path}/{name}").type != pafs.FileType.NotFound:
+                raise explain(e, self.uri(name), "output") from e

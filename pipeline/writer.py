@@ -1,6 +1,6 @@
 """Exactly-once Parquet output: whole items per file, each file committed atomically, resume from what is
 committed. The output is a local directory or an object-store prefix (s3://, gs://), through one pyarrow
-FileSystem (`OutputDir`).
+FileSystem (`storage.OutputDir`); one run at a time (`lock.OutputLock`).
 
 Ray Data's `write_parquet` names files per run, so a rerun would append a second copy. Here the driver
 writes instead: rows are held until every unit (window / page) of an item has arrived, complete items are
@@ -25,10 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import secrets
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -36,106 +32,14 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline import storage
+from pipeline.lock import check_lock
+from pipeline.rows import UNITS_TOTAL
+from pipeline.storage import TMP_PREFIX, OutputDir
 
 PART_PREFIX = "part-"
-TMP_PREFIX = "_tmp-"  # pyarrow.dataset and pandas ignore names starting with "_" or "."
 MANIFEST_NAME = "_manifest.json"
-LOCK_NAME = "_vlbatch.lock"
-LOCK_SETTLE_S = 1.0  # object-store lock: wait between writing it and reading it back
-LOCK_HEARTBEAT_S = 30.0
-LOCK_STALE_S = 300.0  # an object-store lock not rewritten for this long belongs to a dead run
-UNITS_TOTAL = "units_total"  # set on the last row of an item by the decode stage; never written
-
-
-@dataclass(frozen=True)
-class OutputDir:
-    """Where a job's output lives: a local directory or an object-store prefix, as a pyarrow FileSystem and
-    a path inside it. Object stores have no directories: a prefix exists once a file is under it."""
-
-    fs: pafs.FileSystem
-    path: str  # inside `fs`, no trailing "/"
-    prefix: str  # "" for a local directory, "s3://" etc. for an object store
-
-    @classmethod
-    def of(cls, where: str | Path | OutputDir) -> OutputDir:
-        if isinstance(where, OutputDir):
-            return where
-        fs, path, prefix = storage.resolve(str(where), "output")
-        return cls(fs, path.rstrip("/") or "/", prefix)
-
-    @property
-    def local(self) -> bool:
-        return not self.prefix
-
-    def uri(self, name: str = "") -> str:
-        """The output (or one file of it) as the user writes it: a local path or an s3:// URI."""
-        return self.prefix + (f"{self.path}/{name}" if name else self.path)
-
-    def __str__(self) -> str:
-        return self.uri()
-
-    def check(self) -> None:
-        """Fail now, naming the URI and the fix, if the bucket is missing, access denied or unreachable."""
-        storage.check_reachable(self.fs, self.path, self.uri(), "output")
-
-    def names(self, start: str = "") -> list[str]:
-        """Names of the files directly in the output that start with `start`, sorted."""
-        if self.local:
-            out = Path(self.path)
-            return sorted(p.name for p in out.glob(f"{start}*") if p.is_file()) if out.is_dir() else []
-        try:
-            infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
-        except OSError as e:
-            raise storage.explain(e, self.uri(), "output") from e
-        names = (info.base_name for info in infos if info.type == pafs.FileType.File)
-        return sorted(n for n in names if n.startswith(start))
-
-    def read_bytes(self, name: str) -> bytes | None:
-        """The whole of one file, None if it is not there."""
-        try:
-            with self.fs.open_input_stream(f"{self.path}/{name}") as f:
-                return f.read()
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            if self.fs.get_file_info(f"{self.path}/{name}").type == pafs.FileType.NotFound:
-                return None
-            raise storage.explain(e, self.uri(name), "output") from e
-
-    def write_bytes(self, name: str, data: bytes) -> None:
-        """Commit one file whole: a renamed, fsynced temporary file locally, one upload on an object store."""
-        if self.local:
-            Path(self.path).mkdir(parents=True, exist_ok=True)
-            tmp = Path(self.path) / f"{TMP_PREFIX}{name}-{os.getpid()}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, Path(self.path) / name)
-            return
-        try:
-            # One write of the whole buffer, then close: the object appears at close, all of it.
-            stream = self.fs.open_output_stream(f"{self.path}/{name}")
-            stream.write(data)
-            stream.close()
-        except OSError as e:
-            raise storage.explain(e, self.uri(name), "output") from e
-
-    def delete(self, name: str) -> None:
-        if self.local:
-            (Path(self.path) / name).unlink(missing_ok=True)
-            return
-        try:
-            self.fs.delete_file(f"{self.path}/{name}")
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            if self.fs.get_file_info(f"{self.path}/{name}").type != pafs.FileType.NotFound:
-                raise storage.explain(e, self.uri(name), "output") from e
 
 
 def part_files(out_dir: str | Path | OutputDir) -> list:
@@ -179,8 +83,9 @@ def scan_output(
             columns = [item_key, uri_key, "status"]
             table = pq.read_table(f"{out.path}/{name}", columns=columns, filesystem=out.fs)
         except (pa.ArrowInvalid, OSError) as e:
-            raise ValueError(f"{out.uri(name)}: committed output file is unreadable ({e}); move it away, "
-                             "rerun") from e
+            raise ValueError(
+                f"{out.uri(name)}: committed output file is unreadable ({e}); move it away, rerun"
+            ) from e
         ids = table.column(item_key).to_pylist()
         state.files[name] = set(ids)
         uris, status_col = table.column(uri_key).to_pylist(), table.column("status").to_pylist()
@@ -221,144 +126,6 @@ def remove_partial_files(out_dir: str | Path | OutputDir) -> int:
     for name in stale:
         out.delete(name)
     return len(stale)
-
-
-class OutputLock:
-    """One run at a time per output; a lock left by a killed process on this host is taken over.
-
-    Local: a file created with O_EXCL. Object store: pyarrow cannot make a conditional put, so the lock is an
-    object written after checking that none is held, then read back after `LOCK_SETTLE_S`: of two runs that
-    raced, only the one whose token is there goes on. The holder rewrites it every `LOCK_HEARTBEAT_S`; a
-    lock not rewritten for `LOCK_STALE_S` (its run died on another machine) is taken over, and a run that
-    finds its lock taken stops before its next commit. The window left is two runs starting within a few
-    milliseconds of each other, each reading no lock; a store with conditional writes would close it.
-    """
-
-    def __init__(self, out_dir: str | Path | OutputDir):
-        self.out = OutputDir.of(out_dir)
-        self.path = Path(self.out.path) / LOCK_NAME if self.out.local else self.out.uri(LOCK_NAME)
-        self.token = secrets.token_hex(8)
-        self.lost: dict | None = None  # the run that took this lock over, if one did
-        self._stop = threading.Event()
-        self._beat: threading.Thread | None = None
-
-    def __enter__(self) -> OutputLock:
-        if not self.out.local:
-            return self._enter_remote()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid()}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder is not None and not self._is_dead(holder):
-                    raise self._busy(holder) from None
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            return self
-        raise ValueError(f"{self.path}: could not take the output lock; delete the file and rerun")
-
-    def __exit__(self, *exc) -> None:
-        if self.out.local:
-            self.path.unlink(missing_ok=True)
-            return
-        _HELD.pop(self.out.uri(), None)
-        self._stop.set()
-        if self._beat is not None:
-            self._beat.join()
-        holder = self._holder()
-        if holder is not None and holder.get("token") == self.token:
-            self.out.delete(LOCK_NAME)
-
-    def check(self) -> None:
-        """Raise if another run took this lock over (this one was thought dead); called before each commit."""
-        if self.lost is not None:
-            raise ValueError(
-                f"{self.out}: another vlbatch run ({self.lost}) took over the output lock of this run (its "
-                f"heartbeat was older than {LOCK_STALE_S:.0f} s); this run stops, the other one goes on"
-            )
-
-    def _me(self) -> bytes:
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token}
-        return json.dumps({**me, "heartbeat_at": time.time()}).encode()
-
-    def _busy(self, holder: dict) -> ValueError:
-        return ValueError(
-            f"{self.out}: another vlbatch run ({_describe(holder)}) is writing here; wait for it, or delete "
-            f"{self.path} if that run is gone"
-        )
-
-    def _enter_remote(self) -> OutputLock:
-        self.out.check()
-        holder = self._holder()
-        if holder is not None and not self._is_dead(holder) and not self._is_stale(holder):
-            raise self._busy(holder)
-        self.out.write_bytes(LOCK_NAME, self._me())
-        time.sleep(LOCK_SETTLE_S)  # a run that raced us has written its own lock by now
-        holder = self._holder()
-        if holder is None or holder.get("token") != self.token:
-            raise self._busy(holder or {"host": "?", "pid": "?"})
-        _HELD[self.out.uri()] = self
-        self._beat = threading.Thread(target=self._heartbeat, name="vlbatch-lock", daemon=True)
-        self._beat.start()
-        return self
-
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(LOCK_HEARTBEAT_S):
-            try:
-                holder = self._holder()
-                if holder is not None and holder.get("token") != self.token:
-                    self.lost = _describe(holder)
-                    return
-                self.out.write_bytes(LOCK_NAME, self._me())
-            except (OSError, ValueError):
-                continue  # a store hiccup: the next beat tries again, well within LOCK_STALE_S
-
-    def _holder(self) -> dict | None:
-        try:
-            data = self.path.read_bytes() if self.out.local else self.out.read_bytes(LOCK_NAME)
-        except OSError:
-            return None
-        try:
-            return json.loads(data) if data is not None else None
-        except ValueError:
-            return None
-
-    @staticmethod
-    def _is_stale(holder: dict) -> bool:
-        try:
-            return time.time() - float(holder["heartbeat_at"]) > LOCK_STALE_S
-        except (KeyError, TypeError, ValueError):
-            return True  # not a lock this version wrote, or half of one
-
-    @staticmethod
-    def _is_dead(holder: dict) -> bool:
-        if holder.get("host") != socket.gethostname():
-            return False  # cannot see processes of another host: assume alive
-        try:
-            os.kill(int(holder["pid"]), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, KeyError, ValueError):
-            return False
-        return False
-
-
-def _describe(holder: dict) -> dict:
-    return {k: holder.get(k) for k in ("host", "pid")}
-
-
-_HELD: dict[str, OutputLock] = {}  # object-store locks this process holds, by output URI
-
-
-def check_lock(out: OutputDir | None) -> None:
-    """Before a commit to an object store: the lock this process took on it must still be its own."""
-    lock = _HELD.get(out.uri()) if out is not None and not out.local else None
-    if lock is not None:
-        lock.check()
 
 
 @dataclass

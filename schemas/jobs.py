@@ -34,6 +34,17 @@ VIDEO_MAX_PIXELS = VIDEO_MAX_TOKENS * 28 * 28
 VIDEO_TOTAL_PIXELS = int(VIDEO_SEQ_LEN * 28 * 28 * 0.9)
 DEFAULT_CLIP_SECONDS = 120.0
 
+# Pages: olmOCR's render size, and a cap of 16,384 merged tokens' worth of pixels.
+PAGE_LONGEST_SIDE = 1288
+PAGE_MAX_PIXELS = 28 * 28 * 16384
+
+# Limits on inputs (the job's `limits`); the decode stage's own defaults come from these too.
+MAX_VIDEO_SECONDS = 4 * 3600.0
+MAX_SOURCE_FRAMES = 1_000_000
+MAX_SOURCE_PIXELS = 89_478_485  # Pillow's decompression-bomb threshold
+MAX_PAGES_PER_DOCUMENT = 2000
+MAX_BATCH_TOKENS = 16384
+
 DEFAULT_CAPTION_PROMPT = "Describe this video in detail."
 DEFAULT_OCR_PROMPT = (
     "Extract all text from this page as markdown, in reading order. "
@@ -92,7 +103,7 @@ class Resources(Strict):
         "machines. Ignored where the cluster has no GPUs or device is cpu.",
     )
     max_batch_tokens: int = Field(
-        16384,
+        MAX_BATCH_TOKENS,
         ge=1,
         description="Visual + prompt tokens of the rows sent to a GPU worker at once, and "
         "the engine's prefill budget per step.",
@@ -122,23 +133,23 @@ class Limits(Strict):
         "its items become error rows (stage pipeline) and the next run redoes them.",
     )
     max_pages_per_document: int = Field(
-        2000,
+        MAX_PAGES_PER_DOCUMENT,
         ge=1,
         description="Pages read from one document (after page_ranges); a longer document is an error row. "
         "Pages are streamed one at a time, so memory does not grow with this.",
     )
     max_video_seconds: float = Field(
-        4 * 3600.0,
+        MAX_VIDEO_SECONDS,
         gt=0.0,
         description="Longest video accepted, by its container's duration; a longer one is an error row.",
     )
     max_frames: int = Field(
-        1_000_000,
+        MAX_SOURCE_FRAMES,
         ge=1,
         description="Most frames in the source video (not the sampled ones); more is an error row.",
     )
     max_pixels: int = Field(
-        89_478_485,
+        MAX_SOURCE_PIXELS,
         ge=1,
         description="Most pixels of one source frame or image, checked before decoding it (Pillow's own "
         "decompression-bomb threshold); PDF pages are instead rendered at a scale that fits the job's "
@@ -316,14 +327,14 @@ class OcrDocumentsJob(JobBase):
     target_longest_side: int | None = Field(
         None,
         ge=28,
-        description="Pixels of a rendered page's longest side; null (and no dpi): 1288, as "
-        "olmOCR renders. Images are only ever scaled down to it.",
+        description=f"Pixels of a rendered page's longest side; null (and no dpi): {PAGE_LONGEST_SIDE}, "
+        "as olmOCR renders. Images are only ever scaled down to it.",
     )
     dpi: float | None = Field(
         None, gt=0.0, description="Render PDF pages at this DPI instead of target_longest_side."
     )
     max_pixels: int = Field(
-        28 * 28 * 16384, ge=28 * 28, description="Render cap per page; the scale is lowered to fit."
+        PAGE_MAX_PIXELS, ge=28 * 28, description="Render cap per page; the scale is lowered to fit."
     )
     page_ranges: str | None = Field(
         None, description='Pages to read, 1-based, e.g. "1-3,7,10-"; null: every page.'
@@ -344,7 +355,7 @@ class OcrDocumentsJob(JobBase):
         if self.dpi is not None and self.target_longest_side is not None:
             raise ValueError("set either dpi or target_longest_side, not both")
         if self.dpi is None and self.target_longest_side is None:
-            object.__setattr__(self, "target_longest_side", 1288)
+            object.__setattr__(self, "target_longest_side", PAGE_LONGEST_SIDE)
         if self.prompt is None:
             object.__setattr__(self, "prompt", DEFAULT_OCR_PROMPT)
         return self

@@ -112,7 +112,7 @@ def pipeline_corpus(tmp_path_factory, tiny_checkpoint) -> dict:
 @pytest.fixture(scope="session")
 def pipeline_runs(pipeline_corpus, ray_local) -> dict:
     """Both jobs run once over the corpus, on the session's local Ray: {kind: (job, summary)}."""
-    from pipeline.job import run_job
+    from pipeline.driver import run_job
     from schemas import validate_job
 
     runs = {}

@@ -1,6 +1,6 @@
 """Each bad input of issue #6 through the isolated decode stages: exact rows, each item once, the job goes on.
 
-Each decoder runs in its killable child (pipeline.isolation), as in a job; good files sit between the bad
+Each decoder runs in its killable child (pipeline.decode.supervisor), as in a job; good files sit between the bad
 ones to show the child keeps working after each failure.
 """
 
@@ -31,10 +31,12 @@ from media import (
     truncate,
 )
 
-from pipeline.documents import DocumentConfig, RasteriseDocument
-from pipeline.isolation import DecodeFaults, IsolatedDecoder
+from pipeline.decode.documents import DocumentConfig, RasteriseDocument
+from pipeline.decode.supervisor import IsolatedDecoder
+from pipeline.decode.video import DecodeVideo
+from pipeline.decode.windows import VideoDecodeConfig
+from pipeline.faults import DecodeFaults
 from pipeline.sources import expand_inputs
-from pipeline.video import DecodeVideo, VideoDecodeConfig
 
 NOBODY = 65534
 VIDEO_CFG = VideoDecodeConfig(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64)
@@ -139,7 +141,7 @@ def test_bad_videos_each_end_in_their_rows(videos):
     for name in ("good.mp4", "wide.mp4", "tall.mp4", "no_duration.mp4", "truncated_index_first.mp4"):
         (row,) = by_name[name]  # all short enough for one window
         assert row["status"] == "ok" and row["window_index"] == 0, (name, row.get("error_message"))
-        t, h, w, _ = row["frames"].shape
+        t, h, w, _ = row["pixels"].shape
         assert t == row["frame_count"] >= VIDEO_CFG.min_frames and h % 28 == 0 and w % 28 == 0
         assert h * w <= VIDEO_CFG.max_pixels
     (wide,), (tall,) = by_name["wide.mp4"], by_name["tall.mp4"]
@@ -160,8 +162,8 @@ def test_bad_videos_each_end_in_their_rows(videos):
     assert "claims 48 frames" in cut["warning"]  # flagged, not silently short
     # One frame is a still: shown to the model twice, counted once.
     (one,) = by_name["one_frame.mp4"]
-    assert one["status"] == "ok" and one["frame_count"] == 1 and one["frames"].shape[0] == 2
-    assert one["frame_indices"] == [0] and np.array_equal(one["frames"][0], one["frames"][1])
+    assert one["status"] == "ok" and one["frame_count"] == 1 and one["pixels"].shape[0] == 2
+    assert one["frame_indices"] == [0] and np.array_equal(one["pixels"][0], one["pixels"][1])
     assert by_name["good.mp4"][0]["warning"] is None
 
 
@@ -199,7 +201,8 @@ def test_bad_documents_each_end_in_their_rows(documents):
     # The 200-inch page is rendered under the pixel cap, never at its full 14400 x 14400.
     (huge,) = by_name["huge_page.pdf"]
     assert huge["status"] == "ok" and huge["page_width_pt"] == 14400.0
-    assert huge["image"].shape[0] == huge["image"].shape[1] and huge["image"].size // 3 <= DOC_CFG.max_pixels
+    page = huge["pixels"]
+    assert page.shape[0] == page.shape[1] and page.size // 3 <= DOC_CFG.max_pixels
     assert [r["status"] for r in by_name["good.pdf"]] == ["ok", "ok"]
     assert [r["status"] for r in by_name["good.png"]] == ["ok"]
 

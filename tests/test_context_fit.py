@@ -10,7 +10,8 @@ from media import make_flat_video, make_pdf, make_random_bytes
 from jobs.plan import plan_job
 from model.processor import Processor
 from pipeline.budget import model_context
-from pipeline.job import make_decoder, run_job
+from pipeline.decode.stage import make_decoder
+from pipeline.driver import run_job
 from pipeline.prepare import messages_for, visual_item
 from schemas import validate_job
 
@@ -67,11 +68,11 @@ def test_default_windows_fit_the_context_and_cover_every_video(fit_media, tiny_c
             assert a["end_frame"] == b["start_frame"] and a["end_s"] == b["start_s"]
         for r in rows:
             assert r["end_s"] - r["start_s"] <= job.clip_seconds + 1e-9  # 2-minute windows by default
-            prompt = processor.count_tokens(messages_for(visual_item(r["frames"].shape), job.prompt))
+            prompt = processor.count_tokens(messages_for(visual_item(r["pixels"].shape), job.prompt))
             assert prompt.num_tokens + job.sampling.max_new_tokens <= context, (name, prompt.num_tokens)
-            assert r["frame_count"] == len(r["timestamps"]) and r["sample_fps"] > 0
+            assert r["frame_count"] == len(r["frame_timestamps"]) and r["sample_fps"] > 0
         if frames == 1:
-            assert rows[0]["frame_count"] == 1 and rows[0]["frames"].shape[0] == 2
+            assert rows[0]["frame_count"] == 1 and rows[0]["pixels"].shape[0] == 2
         assert len(rows) == -(-seconds // job.clip_seconds)
 
 

@@ -11,8 +11,8 @@ import pytest
 from media import break_xref, make_empty_pdf, make_image, make_pdf, make_random_bytes, read_index, truncate
 from PIL import Image
 
-import pipeline.documents as documents
-from pipeline.documents import (
+import pipeline.decode.documents as documents
+from pipeline.decode.documents import (
     DocumentConfig,
     RasteriseDocument,
     iter_document_pages,
@@ -20,7 +20,7 @@ from pipeline.documents import (
     render_scale,
     select_pages,
 )
-from pipeline.media import DecodeError
+from pipeline.decode.files import DecodeError
 
 
 def rows_of(path, **cfg) -> list[dict]:
@@ -34,7 +34,7 @@ def test_pages_render_at_the_target_longest_side_with_their_text(tmp_path):
     assert [r["page_index"] for r in rows] == [0, 1, 2] and [r["page_number"] for r in rows] == [1, 2, 3]
     for row, (w_pt, h_pt) in zip(rows, sizes.values(), strict=True):
         assert row["status"] == "ok" and row["item_id"] == "doc" and row["page_count"] == 3
-        image = row["image"]
+        image = row["pixels"]
         assert image.dtype == np.uint8 and image.shape == (row["height"], row["width"], 3)
         assert max(image.shape[:2]) == 1288
         assert (image.shape[1] > image.shape[0]) == (w_pt > h_pt)
@@ -42,13 +42,13 @@ def test_pages_render_at_the_target_longest_side_with_their_text(tmp_path):
     assert "page 0" in rows[0]["text_layer"] and rows[0]["has_text_layer"]
     assert rows[1]["has_text_layer"] is False and rows[1]["text_layer"].strip() == ""
     # The image-only page is the picture of page index 1, drawn over the whole page.
-    assert read_index(rows[1]["image"]) == 1
+    assert read_index(rows[1]["pixels"]) == 1
 
 
 def test_dpi_and_text_layer_off(tmp_path):
     path = make_pdf(tmp_path / "a.pdf", pages=1, page_size=(72.0, 36.0))
     (row,) = rows_of(path, dpi=144.0, target_longest_side=None, keep_text_layer=False)
-    assert row["image"].shape == (72, 144, 3)
+    assert row["pixels"].shape == (72, 144, 3)
     assert row["text_layer"] is None and row["has_text_layer"] is None
 
 
@@ -99,18 +99,18 @@ def test_images_are_one_page_documents(tmp_path, suffix):
     path = make_image(tmp_path / f"scan.{suffix}", size=(2000, 1000), index=5)
     (row,) = rows_of(path)
     assert row["status"] == "ok" and row["page_index"] == 0 and row["page_count"] == 1
-    assert row["image"].shape == (644, 1288, 3)  # shrunk to the target longest side, aspect kept
-    assert row["text_layer"] is None and read_index(row["image"]) == 5
+    assert row["pixels"].shape == (644, 1288, 3)  # shrunk to the target longest side, aspect kept
+    assert row["text_layer"] is None and read_index(row["pixels"]) == 5
     small = make_image(tmp_path / f"small.{suffix}", size=(64, 48))
     (row,) = rows_of(small)
-    assert row["image"].shape == (48, 64, 3)  # never upscaled
+    assert row["pixels"].shape == (48, 64, 3)  # never upscaled
 
 
 def test_transparent_image_sits_on_white(tmp_path):
     path = tmp_path / "clear.png"
     Image.new("RGBA", (40, 30), (0, 0, 0, 0)).save(path)
     (row,) = rows_of(path)
-    assert row["image"].min() == 255
+    assert row["pixels"].min() == 255
 
 
 def test_image_over_the_pixel_limit_is_refused(tmp_path):
@@ -230,5 +230,5 @@ def test_page_pixels_outlive_their_document(tmp_path):
     with pymupdf.open(path) as doc:
         for row, page in zip(rows, doc, strict=True):
             expected, _ = rasterise_page(page)
-            assert row["image"].shape == expected.shape and np.array_equal(row["image"], expected)
-            assert read_index(row["image"]) == page.number
+            assert row["pixels"].shape == expected.shape and np.array_equal(row["pixels"], expected)
+            assert read_index(row["pixels"]) == page.number

@@ -24,10 +24,12 @@ import ray  # noqa: F401  (puts the psutil that Ray ships on the path)
 import yaml
 from media import make_image, make_pdf
 
-from pipeline.infer import FAULT_INFER_EXIT_ENV
-from pipeline.isolation import FAULT_EXIT_ENV, FAULT_HANG_ENV, Fault, IsolatedDecoder
-from pipeline.job import FAULTS_DIR, make_decoder, run_job
-from pipeline.writer import MANIFEST_NAME, TMP_PREFIX, part_files, scan_output
+from pipeline.decode.stage import make_decoder
+from pipeline.decode.supervisor import IsolatedDecoder
+from pipeline.driver import run_job
+from pipeline.faults import FAULT_EXIT_ENV, FAULT_HANG_ENV, FAULT_INFER_EXIT_ENV, FAULTS_DIR, Fault
+from pipeline.storage import TMP_PREFIX
+from pipeline.writer import MANIFEST_NAME, part_files, scan_output
 from schemas import PageRecord, arrow_schema, validate_job
 from schemas.jobs import Limits
 

@@ -24,19 +24,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.isolation import (
-    FAULT_EXIT_ENV,
-    ROWS_AHEAD,
-    SHARED_MIN_BYTES,
-    DecodeFaults,
-    Fault,
-    IsolatedDecoder,
-    SharedSlots,
-    SlotMaps,
-    parse_faults,
-    recv_message,
-    send_message,
-)
+from pipeline.decode.shared_memory import ROWS_AHEAD, SHARED_MIN_BYTES, SharedSlots, SlotMaps
+from pipeline.decode.supervisor import IsolatedDecoder
+from pipeline.decode.wire import recv_message, send_message
+from pipeline.faults import FAULT_EXIT_ENV, DecodeFaults, Fault, parse_faults
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -218,7 +209,7 @@ def test_messages_over_the_shared_cap_go_through_the_socket(monkeypatch):
     arrays go inline, except one made in the slot (already written there, so it must go shared)."""
     from multiprocessing import Pipe
 
-    import pipeline.isolation as isolation
+    import pipeline.decode.shared_memory as isolation
 
     kib = 1 << 10  # small sizes: inline bytes must fit the socket buffer, as nothing reads meanwhile
     monkeypatch.setattr(isolation, "SHARED_MIN_BYTES", kib)
@@ -283,7 +274,7 @@ def test_a_hang_in_c_becomes_an_error_row_and_the_next_item_decodes_on_a_new_chi
 def test_the_real_pymupdf_hang_on_a_truncated_pdf_is_ended(tmp_path):
     from media import make_pdf, truncate
 
-    from pipeline.documents import DocumentConfig, RasteriseDocument
+    from pipeline.decode.documents import DocumentConfig, RasteriseDocument
 
     truncated = truncate(
         make_pdf(tmp_path / "full.pdf", pages=4, object_streams=True), 0.5, tmp_path / "t.pdf"
@@ -388,7 +379,7 @@ def test_a_big_document_streams_page_by_page(tmp_path):
 def test_a_real_document_survives_a_crash_halfway_with_each_page_once(tmp_path, monkeypatch):
     from media import make_pdf
 
-    from pipeline.documents import DocumentConfig, RasteriseDocument
+    from pipeline.decode.documents import DocumentConfig, RasteriseDocument
 
     pdf = make_pdf(tmp_path / "long.pdf", pages=120, text=True)
     monkeypatch.setenv(FAULT_EXIT_ENV, "long.pdf:1:60")  # crash once, after 60 pages arrived
@@ -445,7 +436,8 @@ def test_a_hung_child_dies_with_its_parent(tmp_path):
         f"""
         import sys, functools
         sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
-        from pipeline.isolation import IsolatedDecoder, DecodeFaults, Fault
+        from pipeline.decode.supervisor import IsolatedDecoder
+        from pipeline.faults import DecodeFaults, Fault
         from test_isolation import FakePages
         dec = IsolatedDecoder(FakePages, 600.0, 0, DecodeFaults(hang=(Fault("x", after_rows=1),)))
         rows = dec({{"uri": "x", "item_id": "x"}})
@@ -479,7 +471,7 @@ def test_it_runs_as_a_ray_data_flat_map_actor(ray_local, tmp_path):
     from media import make_pdf
     from ray.data import ActorPoolStrategy
 
-    from pipeline.documents import DocumentConfig, RasteriseDocument
+    from pipeline.decode.documents import DocumentConfig, RasteriseDocument
 
     names = ["a.pdf", "flaky.pdf", "stuck.pdf", "b.pdf"]
     for name in names:

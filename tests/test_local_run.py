@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from jobs.cli import main
-from pipeline.job import PACK_WINDOW_ROWS
+from pipeline.chain import PACK_WINDOW_ROWS
 
 VLBATCH = Path(sys.executable).parent / "vlbatch"
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,14 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 from test_cluster import ray_head  # noqa: F401 (the fixture: a local Ray head for the cluster test)
 
-from pipeline import writer as writer_mod
+from pipeline import lock as lock_mod
+from pipeline.lock import LOCK_NAME, OutputLock
 from pipeline.sources import expand_inputs
+from pipeline.storage import OutputDir
 from pipeline.writer import (
-    LOCK_NAME,
     MANIFEST_NAME,
     DatasetWriter,
-    OutputDir,
-    OutputLock,
     drop_items,
     part_files,
     read_json,
@@ -84,7 +83,7 @@ def test_json_round_trips_and_is_never_left_half_written(s3):
 
 
 def test_lock_refuses_a_second_run_and_takes_over_dead_or_stale_ones(s3, monkeypatch):
-    monkeypatch.setattr(writer_mod, "LOCK_SETTLE_S", 0.05)
+    monkeypatch.setattr(lock_mod, "LOCK_SETTLE_S", 0.05)
     out = s3.bucket(unique("out")) + "/locked"
     loc = OutputDir.of(out)
     with OutputLock(out):
@@ -111,8 +110,8 @@ def test_lock_refuses_a_second_run_and_takes_over_dead_or_stale_ones(s3, monkeyp
 
 
 def test_a_run_whose_lock_was_taken_over_stops_before_its_next_commit(s3, monkeypatch):
-    monkeypatch.setattr(writer_mod, "LOCK_SETTLE_S", 0.05)
-    monkeypatch.setattr(writer_mod, "LOCK_HEARTBEAT_S", 0.1)
+    monkeypatch.setattr(lock_mod, "LOCK_SETTLE_S", 0.05)
+    monkeypatch.setattr(lock_mod, "LOCK_HEARTBEAT_S", 0.1)
     out = s3.bucket(unique("out")) + "/taken"
     loc = OutputDir.of(out)
     with OutputLock(out) as lock:
@@ -256,7 +255,7 @@ def test_caption_job_reads_and_writes_s3_and_a_rerun_does_no_work(
 ):
     from conftest import PIPELINE_VIDEOS, S3_CREDENTIALS
 
-    from pipeline.job import run_job
+    from pipeline.driver import run_job
     from schemas import validate_job
 
     # The endpoint from the job spec this time, not from the environment: the workers get it too.
@@ -298,7 +297,7 @@ def test_caption_job_reads_and_writes_s3_and_a_rerun_does_no_work(
 def test_ocr_job_on_s3_turns_a_broken_object_into_an_error_row(s3, s3_corpus, pipeline_corpus, ray_local):
     from conftest import PIPELINE_IMAGES, PIPELINE_PDFS
 
-    from pipeline.job import run_job
+    from pipeline.driver import run_job
     from schemas import validate_job
 
     out = s3.bucket(unique("pages")) + "/ocr"
@@ -329,7 +328,7 @@ def test_plan_reads_s3_inputs_and_a_missing_output_prefix_as_empty(s3, s3_corpus
 
 
 def test_job_start_errors_name_the_output_and_the_fix(s3, pipeline_corpus, monkeypatch):
-    from pipeline.job import run_job
+    from pipeline.driver import run_job
     from schemas import validate_job
 
     def no_ray():
@@ -362,7 +361,7 @@ def test_a_job_killed_halfway_on_s3_is_finished_by_the_same_command(s3, tmp_path
     from media import make_image
     from test_faults import ROOT, alive, descendants, spec
 
-    from pipeline.isolation import FAULT_HANG_ENV
+    from pipeline.faults import FAULT_HANG_ENV
 
     docs = tmp_path / "docs"
     docs.mkdir()

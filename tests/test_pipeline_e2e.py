@@ -14,7 +14,7 @@ import pytest
 from conftest import PIPELINE_IMAGES, PIPELINE_PDFS, PIPELINE_VIDEOS
 from media import make_image, make_pdf, make_random_bytes
 
-from pipeline.job import run_job
+from pipeline.driver import run_job
 from pipeline.writer import MANIFEST_NAME, part_files
 from schemas import SCHEMA_VERSION, CaptionRecord, PageRecord, arrow_schema, records_from_rows, validate_job
 
@@ -189,7 +189,7 @@ def test_results_that_never_arrive_become_error_rows(tmp_path, pipeline_corpus, 
     """Ray can lose work (a dropped block, a worker gone for good): the item becomes an error row."""
     import ray.data
 
-    import pipeline.job as job_module
+    import pipeline.driver as job_module
 
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -242,11 +242,11 @@ def test_stages_run_without_ray(pipeline_corpus):
     """Each stage is a plain callable: decode -> prepare -> pack -> infer -> postprocess, by hand."""
     import pyarrow as pa
 
+    from pipeline.decode.stage import DecodeUnits, make_decoder
     from pipeline.infer import Infer, model_identity
-    from pipeline.job import make_decoder
     from pipeline.packing import pack_table
     from pipeline.postprocess import Postprocess
-    from pipeline.prepare import DecodeUnits, Prepare
+    from pipeline.prepare import Prepare
     from pipeline.sources import expand_inputs
 
     job = validate_job(pipeline_corpus["ocr"])
@@ -266,7 +266,7 @@ def test_stages_run_without_ray(pipeline_corpus):
     packs = pack_table(prepared, max_batch_tokens=job.resources.max_batch_tokens)
     infer = Infer(job.model, PageRecord, job.sampling.model_dump(), dtype="float32", device="cpu")
     results = pa.concat_tables(infer(packs.slice(k, 1)) for k in range(packs.num_rows))
-    rows = Postprocess(PageRecord, *model_identity(job.model))(results).to_pylist()
+    rows = Postprocess(job, *model_identity(job.model))(results).to_pylist()
     assert len(rows) == 3 + 1 and all(r["status"] == "ok" for r in rows)
     assert all(1 <= r["generated_tokens"] <= job.sampling.max_new_tokens and r["model_id"] for r in rows)
     assert sum(r["busy_s"] or 0 for r in rows) > 0
@@ -277,7 +277,7 @@ def test_a_failed_run_keeps_whole_items_and_the_rerun_does_the_rest(
 ):
     import pyarrow as pa
 
-    import pipeline.job as job_module
+    import pipeline.driver as job_module
 
     docs = tmp_path / "docs"
     docs.mkdir()

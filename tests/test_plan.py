@@ -10,8 +10,8 @@ import pytest
 from media import make_random_bytes
 
 import model.qwen2vl
-import pipeline.documents
-import pipeline.video
+import pipeline.decode.documents
+import pipeline.decode.video
 from jobs.cli import main
 from jobs.plan import plan_job
 from schemas import validate_job
@@ -25,11 +25,11 @@ def metadata_only(monkeypatch):
         raise AssertionError("plan touched pixels or weights")
 
     monkeypatch.setattr(model.qwen2vl.Qwen2VL, "from_pretrained", forbidden)
-    monkeypatch.setattr(pipeline.video, "decode_video", forbidden)
-    monkeypatch.setattr(pipeline.video, "_decord_windows", forbidden)
-    monkeypatch.setattr(pipeline.video, "_pyav_windows", forbidden)
-    monkeypatch.setattr(pipeline.documents, "rasterise_page", forbidden)
-    monkeypatch.setattr(pipeline.documents, "iter_document_pages", forbidden)
+    monkeypatch.setattr(pipeline.decode.video, "decode_video", forbidden)
+    monkeypatch.setattr(pipeline.decode.video, "_decord_windows", forbidden)
+    monkeypatch.setattr(pipeline.decode.video, "_pyav_windows", forbidden)
+    monkeypatch.setattr(pipeline.decode.documents, "rasterise_page", forbidden)
+    monkeypatch.setattr(pipeline.decode.documents, "iter_document_pages", forbidden)
 
 
 @pytest.mark.parametrize("kind, unit", [("caption", "windows"), ("ocr", "pages")])

@@ -77,7 +77,7 @@ def test_in_a_log_the_block_is_appended_at_intervals(monkeypatch):
 def test_stage_lines_count_ray_datas_rows(pipeline_corpus, ray_local, tmp_path, capsys):
     """Ray Data's executor reports each stage's rows: at the end, every item went into decode and every
     page came out of infer."""
-    from pipeline.job import run_job
+    from pipeline.driver import run_job
     from schemas import validate_job
 
     docs = pipeline_corpus["root"] / "docs"

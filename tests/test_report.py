@@ -18,7 +18,7 @@ from PIL import Image
 
 from jobs.cli import main
 from jobs.report import FRAMES_SHOWN, REPORT_NAME, render_report
-from pipeline.job import run_job
+from pipeline.driver import run_job
 from schemas import validate_job
 
 THUMB = re.compile(r'<img class="thumb (frame|page)" alt="[^"]*" src="data:image/jpeg;base64,([^"]+)"')

@@ -18,7 +18,7 @@ import pytest
 import ray  # noqa: F401  (puts the psutil that Ray ships on the path)
 from media import make_image
 
-from pipeline.job import run_job
+from pipeline.driver import run_job
 from schemas import validate_job
 
 pytestmark = pytest.mark.slow
@@ -162,7 +162,7 @@ def test_soak_every_item_accounted_for_in_bounded_memory(
     small, big = (peaks[n] for n in SIZES)
     report = (small.line(f"{SIZES[0]}"), big.line(f"{SIZES[1]}"))
     # 4x the items must not mean 4x the memory. What does grow a little is Ray Data's bookkeeping per block
-    # (one block per item here; pipeline.job caps the input blocks), about 10 KiB an item.
+    # (one block per item here; pipeline.chain caps the input blocks), about 10 KiB an item.
     assert big.driver < small.driver * 1.25, report
     assert big.driver - big.driver_start < 2 * (small.driver - small.driver_start) + 32 * MiB, report
     assert big.worker_max < small.worker_max * 1.1 + 32 * MiB, report

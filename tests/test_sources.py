@@ -9,7 +9,7 @@ import pyarrow.fs as pafs
 import pytest
 
 import pipeline.sources as sources
-from pipeline.media import local_file
+from pipeline.decode.files import local_file
 from pipeline.sources import Item, expand_inputs, glob_regex, item_id_for
 
 

@@ -11,20 +11,12 @@ import numpy as np
 import pytest
 from media import make_audio_only, make_random_bytes, make_video, read_index, strip_mp4_timing, truncate
 
-import pipeline.video as video
+import pipeline.decode.video as video
 from model.pixels import num_sampled_frames, resize_video_frames, sample_frame_indices
 from pipeline.budget import TokenBudget
-from pipeline.media import DecodeError
-from pipeline.video import (
-    DecodeVideo,
-    VideoDecodeConfig,
-    VideoInfo,
-    decode_video,
-    frame_size,
-    plan_windows,
-    probe_video,
-    video_tokens,
-)
+from pipeline.decode.files import DecodeError
+from pipeline.decode.video import DecodeVideo, decode_video, probe_video
+from pipeline.decode.windows import VideoDecodeConfig, VideoInfo, frame_size, plan_windows, video_tokens
 from schemas import CaptionVideosJob
 
 N_FRAMES, FPS = 120, 24
@@ -73,8 +65,8 @@ def leading_clean_frames(path: str) -> int:
 
 def assert_exact(rows: list[dict]) -> None:
     for row in rows:
-        assert row["frames"].dtype == np.uint8 and row["frames"].shape[0] == len(row["frame_indices"])
-        decoded = [read_index(frame) for frame in row["frames"]]
+        assert row["pixels"].dtype == np.uint8 and row["pixels"].shape[0] == len(row["frame_indices"])
+        decoded = [read_index(frame) for frame in row["pixels"]]
         assert decoded == row["frame_indices"], f"{row['uri']} window {row['window_index']}"
 
 
@@ -94,10 +86,10 @@ def test_decode_is_frame_exact(videos, codec, suffix, b_frames, backend):
             span, FPS, CFG.fps, CFG.min_frames, CFG.max_frames, first_frame=window.start_frame
         )
         assert row["frame_indices"] == picks
-        assert row["timestamps"] == pytest.approx([i / FPS for i in row["frame_indices"]], abs=1e-3)
+        assert row["frame_timestamps"] == pytest.approx([i / FPS for i in row["frame_indices"]], abs=1e-3)
         assert row["start_s"] == pytest.approx(window.start_frame / FPS, abs=1e-3)
         assert row["end_s"] == pytest.approx(window.end_frame / FPS, abs=1e-3)
-        assert row["frames"].shape[1:] == (row["height"], row["width"], 3)
+        assert row["pixels"].shape[1:] == (row["height"], row["width"], 3)
         assert row["height"] % 28 == 0 and row["width"] % 28 == 0
         assert row["num_windows"] == len(expected)
 
@@ -120,20 +112,21 @@ def test_frames_are_the_library_frames_resized_once(videos, monkeypatch, codec, 
             source = dict(enumerate(f.to_ndarray(format="rgb24") for f in container.decode(video=0)))
     for row, whole in zip(rows, one_batch, strict=True):
         size = (row["height"], row["width"])
-        assert row["frames"].shape[0] > 3 and size != (64, 96)  # several batches, and a real resize
+        assert row["pixels"].shape[0] > 3 and size != (64, 96)  # several batches, and a real resize
         expected = resize_video_frames(np.stack([source[i] for i in row["frame_indices"]]), *size)
-        assert np.array_equal(row["frames"], expected) and np.array_equal(whole["frames"], expected)
+        assert np.array_equal(row["pixels"], expected) and np.array_equal(whole["pixels"], expected)
 
 
 @pytest.mark.parametrize("codec,suffix", [("h264", "mp4"), ("mpeg4", "avi")])
 def test_windows_through_the_decode_child_are_the_same_frames(videos, codec, suffix):
     """In a job the frames are resized straight into the shared memory they travel in (decord and PyAV
     paths alike): what arrives is what an in-process decode gives, frame for frame."""
-    from pipeline.isolation import SHARED_MIN_BYTES, IsolatedDecoder
+    from pipeline.decode.shared_memory import SHARED_MIN_BYTES
+    from pipeline.decode.supervisor import IsolatedDecoder
 
     path = videos[codec, suffix]
     here = list(decode_video(path, CFG))
-    assert here[0]["frames"].nbytes >= SHARED_MIN_BYTES  # big enough to take the shared-memory path
+    assert here[0]["pixels"].nbytes >= SHARED_MIN_BYTES  # big enough to take the shared-memory path
     decoder = IsolatedDecoder(functools.partial(DecodeVideo, CFG), timeout_s=60)
     try:
         for _ in range(2):  # the second item reuses the slots the first one filled
@@ -141,7 +134,7 @@ def test_windows_through_the_decode_child_are_the_same_frames(videos, codec, suf
             assert_exact(there)
             assert [r["window_index"] for r in there] == [r["window_index"] for r in here]
             for got, want in zip(there, here, strict=True):
-                assert np.array_equal(got["frames"], want["frames"])
+                assert np.array_equal(got["pixels"], want["pixels"])
     finally:
         decoder.close()
 
@@ -167,7 +160,7 @@ def test_a_job_decodes_with_as_many_threads_as_its_decode_workers_have_cpus():
 def test_index_pattern_catches_decord_misreads(videos):
     """The premise, shown: forced onto decord, MPEG-4 with B-frames comes back with wrong frames."""
     rows = list(decode_video(videos["mpeg4", "avi"], VideoDecodeConfig(fps=6.0, backend="decord")))
-    decoded = [read_index(f) for row in rows for f in row["frames"]]
+    decoded = [read_index(f) for row in rows for f in row["pixels"]]
     asked = [i for row in rows for i in row["frame_indices"]]
     assert decoded != asked
 

@@ -15,17 +15,10 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.writer import (
-    LOCK_NAME,
-    TMP_PREFIX,
-    UNITS_TOTAL,
-    DatasetWriter,
-    OutputLock,
-    drop_items,
-    part_files,
-    remove_partial_files,
-    scan_output,
-)
+from pipeline.lock import LOCK_NAME, OutputLock
+from pipeline.rows import UNITS_TOTAL
+from pipeline.storage import TMP_PREFIX
+from pipeline.writer import DatasetWriter, drop_items, part_files, remove_partial_files, scan_output
 
 SCHEMA = pa.schema(
     [

@@ -20,9 +20,17 @@ from pymupdf import mupdf
 
 from model.pixels import IMAGE_FACTOR, smart_resize
 from pipeline.budget import TokenBudget
-from pipeline.isolation import output_array
-from pipeline.media import DecodeError, error_row, local_file
-from schemas.jobs import OcrDocumentsJob, parse_page_ranges
+from pipeline.decode.files import DecodeError, local_file
+from pipeline.decode.shared_memory import output_array
+from pipeline.rows import error_row
+from schemas.jobs import (
+    MAX_PAGES_PER_DOCUMENT,
+    MAX_SOURCE_PIXELS,
+    PAGE_LONGEST_SIDE,
+    PAGE_MAX_PIXELS,
+    OcrDocumentsJob,
+    parse_page_ranges,
+)
 
 IMAGE_EXTENSIONS = frozenset(".png .jpg .jpeg .tif .tiff .bmp .webp".split())
 PDF_POINTS_PER_INCH = 72.0
@@ -34,13 +42,13 @@ pymupdf.TOOLS.mupdf_display_errors(False)  # damaged files are reported as error
 class DocumentConfig:
     """How pages are rendered, which pages are read, and what a document may cost at most."""
 
-    target_longest_side: int | None = 1288  # pixels; used when dpi is None
+    target_longest_side: int | None = PAGE_LONGEST_SIDE  # pixels; used when dpi is None
     dpi: float | None = None
-    max_pixels: int = 28 * 28 * 16384  # per rendered page: the scale is lowered to fit
+    max_pixels: int = PAGE_MAX_PIXELS  # per rendered page: the scale is lowered to fit
     page_ranges: str | None = None  # "1-3,7,10-"; None: every page
     keep_text_layer: bool = True
-    max_pages: int = 2000  # selected pages per document
-    max_source_pixels: int = 89_478_485  # raster inputs above this are refused (decompression bombs)
+    max_pages: int = MAX_PAGES_PER_DOCUMENT  # selected pages per document
+    max_source_pixels: int = MAX_SOURCE_PIXELS  # raster inputs above this are refused (decompression bombs)
     # The model's context: visual tokens one page may take (None: no fit), and the sentence that says why.
     max_visual_tokens: int | None = None
     budget_note: str = ""
@@ -142,9 +150,9 @@ def _render(display: pymupdf.DisplayList, scale: float) -> np.ndarray:
 
 def rasterise_page(
     page: pymupdf.Page,
-    target_longest_side: int | None = 1288,
+    target_longest_side: int | None = PAGE_LONGEST_SIDE,
     dpi: float | None = None,
-    max_pixels: int = 28 * 28 * 16384,
+    max_pixels: int = PAGE_MAX_PIXELS,
     with_text: bool = False,
     scale: float | None = None,
 ) -> tuple[np.ndarray, str | None]:
@@ -253,6 +261,34 @@ def _open_pdf(path: str, uri: str) -> pymupdf.Document:
     return doc
 
 
+def page_sizes(uri: str, cfg: DocumentConfig) -> list[tuple[int, int]]:
+    """Rendered (height, width) of each selected page, from page boxes or image headers; nothing is
+    rendered (`vlbatch plan`). Raises DecodeError as the decode stage would."""
+    with local_file(uri) as path:
+        if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
+            try:
+                with Image.open(path) as image:
+                    width, height = image.size
+                    if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF rotation by 90 degrees
+                        width, height = height, width
+            except (OSError, SyntaxError, ValueError) as e:
+                raise DecodeError(f"{uri}: not a readable image ({e})") from e
+            if width * height > cfg.max_source_pixels:
+                raise DecodeError(f"{uri}: image of {width}x{height} exceeds limits.max_pixels")
+            return [image_target_size(width, height, cfg, uri)]
+        with _open_pdf(path, uri) as doc:
+            pages = select_pages(cfg.page_ranges, doc.page_count)
+            if not pages or len(pages) > cfg.max_pages:
+                raise DecodeError(f"{uri}: {len(pages)} pages selected (limit {cfg.max_pages})")
+            sizes = []
+            for index in pages:
+                rect = doc.load_page(index).rect
+                scale = page_scale(rect.width, rect.height, cfg, uri)
+                box = (rect * pymupdf.Matrix(scale, scale)).irect  # the pixel box get_pixmap renders
+                sizes.append((box.height, box.width))
+            return sizes
+
+
 def iter_document_pages(uri: str, cfg: DocumentConfig) -> Iterator[dict[str, Any]]:
     """One row per selected page, rendered one at a time; a page that fails is an error row of its own.
 
@@ -290,8 +326,14 @@ def iter_document_pages(uri: str, cfg: DocumentConfig) -> Iterator[dict[str, Any
                         uri, index, count, pixels, text, page.rect.width, page.rect.height, cfg, started
                     )
                 except Exception as e:  # one bad page must not cost the others
-                    row = error_row({"uri": uri}, "decode", DecodeError(f"{uri}: page {index + 1}: {e}"))
-                    row.update(page_index=index, page_number=index + 1, page_count=count)
+                    row = error_row(
+                        {"uri": uri},
+                        "decode",
+                        DecodeError(f"{uri}: page {index + 1}: {e}"),
+                        page_index=index,
+                        page_number=index + 1,
+                        page_count=count,
+                    )
                 yield row
                 started = time.perf_counter()
 
@@ -313,7 +355,7 @@ def _page_row(
         "page_index": index,
         "page_number": index + 1,
         "page_count": count,
-        "image": pixels,
+        "pixels": pixels,
         "height": int(pixels.shape[0]),
         "width": int(pixels.shape[1]),
         "page_width_pt": width_pt,

@@ -1,4 +1,4 @@
-"""Bits the decode stages share: typed decode errors, local copies of remote files, error rows."""
+"""Inputs as local files for the decoders, and the error an input that cannot be decoded raises."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 from pipeline.sources import resolve
 
@@ -52,18 +51,3 @@ def local_file(uri: str) -> Iterator[str]:
         yield tmp
     finally:
         os.unlink(tmp)
-
-
-def error_row(row: dict[str, Any], stage: str, error: BaseException, **fields: Any) -> dict[str, Any]:
-    """The row an item (or one of its windows or pages) becomes when a stage fails on it."""
-    uri = str(row.get("uri"))
-    message = str(error)
-    if not isinstance(error, DecodeError) or uri not in message:
-        message = f"{uri}: {type(error).__name__}: {message}"
-    return {
-        **row,
-        "status": "error",
-        "error_stage": stage,
-        "error_message": message,
-        **fields,
-    }

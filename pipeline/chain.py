@@ -1,0 +1,108 @@
+"""A job as a chain of named Ray Data stages; nothing runs until the driver iterates it.
+
+items -> decode (CPU actors) -> prepare (CPU actors) -> pack by tokens -> infer (GPU actors)
+      -> postprocess -> driver (`driver.py`): assemble whole items, commit Parquet, manifest
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict
+
+from pipeline import storage
+from pipeline.budget import model_context
+from pipeline.decode.stage import DecodeUnits, make_decoder
+from pipeline.faults import InferFaults
+from pipeline.infer import Infer
+from pipeline.packing import pack_table
+from pipeline.postprocess import Postprocess
+from pipeline.prepare import Prepare
+from pipeline.sources import Item
+from pipeline.tasks import task_of
+from schemas import JobBase
+
+PACK_WINDOW_ROWS = 64  # rows the packer sees at once: enough to fill packs, few enough to bound memory
+# Ray Data keeps a few KiB of bookkeeping per block in the driver; capping the blocks caps that memory
+# (beyond the cap, blocks hold several items).
+MAX_INPUT_BLOCKS = 20_000
+
+
+def gpus_per_infer_worker(job: JobBase) -> float:
+    """0 on a CPU-only cluster or for device=cpu; the spec's share where the cluster has GPUs."""
+    import ray
+
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    if job.device == "cpu":
+        return 0.0
+    if job.device == "cuda" and cluster_gpus == 0:
+        raise ValueError("device: cuda, but the Ray cluster has no GPUs; use device: auto or cpu")
+    return job.resources.gpus_per_worker if cluster_gpus > 0 else 0.0
+
+
+def build_dataset(job: JobBase, items: list[Item], job_id: str, model: tuple[str, str]):
+    """The chain of stages over `items`; `model` is the checkpoint's (name, fingerprint)."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    record, r = task_of(job).record, job.resources
+    num_gpus = gpus_per_infer_worker(job)
+    device = job.device if job.device != "auto" else ("cuda" if num_gpus > 0 else "cpu")
+    # One item per input block (up to a cap) so the decode pool balances items, not block-sized chunks.
+    blocks = max(1, min(len(items), MAX_INPUT_BLOCKS))
+    ds = ray.data.from_items([asdict(it) for it in items], override_num_blocks=blocks)
+    ds = ds.map_batches(
+        DecodeUnits,
+        fn_constructor_kwargs={"make_decoder": make_decoder(job), "record": record, "job_id": job_id},
+        batch_size=1,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=r.decode_workers),
+        num_cpus=r.cpus_per_decode_worker,
+        **storage.worker_env(),  # decode workers fetch their items themselves
+    )
+    ds = ds.map_batches(
+        Prepare,
+        fn_constructor_kwargs={
+            "model_path": job.model,
+            "record": record,
+            "prompt": job.prompt,
+            "system_prompt": job.system_prompt,
+        },
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(min_size=1, max_size=r.decode_workers),
+        num_cpus=min(1.0, r.cpus_per_decode_worker),
+    )
+    ds = ds.map_batches(
+        pack_table,
+        fn_kwargs={"max_batch_tokens": r.max_batch_tokens},
+        batch_size=PACK_WINDOW_ROWS,
+        batch_format="pyarrow",
+        num_cpus=0.25,
+    )
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for actor restarts yet, and warns on the generic ones.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated", category=Warning)
+        ds = ds.map_batches(
+            Infer,
+            fn_constructor_kwargs={
+                "model_path": job.model,
+                "record": record,
+                "dtype": job.dtype,
+                "device": device,
+                "sampling": job.sampling.model_dump(),
+                "max_batch_tokens": r.max_batch_tokens,
+                "max_model_len": model_context(job.model, job.max_model_len),
+                "gpu_share": num_gpus,
+                "faults": InferFaults.for_output(job.output),
+            },
+            batch_size=1,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(size=r.gpu_workers),
+            num_gpus=num_gpus,
+            num_cpus=1 if num_gpus == 0 else 0.5,
+            # A dead GPU worker is restarted (model loaded again) and its batches redone, a bounded number
+            # of times: Ray's default is forever, which a batch that kills every worker turns into a hang.
+            # Rows of a first attempt that already reached the driver are dropped there as repeats.
+            max_restarts=-1,
+            max_task_retries=job.limits.infer_retries,
+        )
+    return ds.map_batches(Postprocess(job, *model), batch_format="pyarrow", num_cpus=0.25)
