@@ -1,7 +1,7 @@
 """Each bad input of issue #6 through the isolated decode stages: exact rows, each item once, the job goes on.
 
-Each decoder runs in its killable child (pipeline.decode.supervisor), as in a job; good files sit between the bad
-ones to show the child keeps working after each failure.
+Each decoder runs in its killable child (pipeline.decode.supervisor), as in a job; good files sit between
+the bad ones to show the child keeps working after each failure.
 """
 
 from __future__ import annotations
