@@ -18,7 +18,7 @@ CONNECT_TIMEOUT_S = 5.0
 def local_cpus(job: CaptionVideosJob | OcrDocumentsJob) -> int:
     """Logical CPUs for a local Ray: at least what the job's actor pools ask for, so they cannot starve."""
     r = job.resources
-    wanted = r.decode_workers * r.cpus_per_decode_worker + r.gpu_workers + 2  # + prepare and light tasks
+    wanted = r.decode_workers * r.cpus_per_decode_worker + r.gpu_workers * (r.cpus_per_gpu_worker or 1) + 2
     return max(os.cpu_count() or 1, int(wanted + 0.999))
 
 

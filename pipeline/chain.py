@@ -6,8 +6,11 @@ items -> decode (CPU actors) -> prepare (CPU actors) -> pack by tokens -> infer 
 
 from __future__ import annotations
 
+import math
+import os
 import warnings
 from dataclasses import asdict
+from typing import Any
 
 from pipeline import storage
 from pipeline.budget import model_context
@@ -25,6 +28,7 @@ PACK_WINDOW_ROWS = 64  # rows the packer sees at once: enough to fill packs, few
 # Ray Data keeps a few KiB of bookkeeping per block in the driver; capping the blocks caps that memory
 # (beyond the cap, blocks hold several items).
 MAX_INPUT_BLOCKS = 20_000
+LIGHT_CPUS = 0.5  # the pack and postprocess tasks, a quarter of a CPU each
 
 
 def gpus_per_infer_worker(job: JobBase) -> float:
@@ -37,6 +41,36 @@ def gpus_per_infer_worker(job: JobBase) -> float:
     if job.device == "cuda" and cluster_gpus == 0:
         raise ValueError("device: cuda, but the Ray cluster has no GPUs; use device: auto or cpu")
     return job.resources.gpus_per_worker if cluster_gpus > 0 else 0.0
+
+
+def infer_cpus(job: JobBase, num_gpus: float) -> float:
+    """CPUs of each inference actor: the spec's, else 0.5 beside a GPU; on a CPU-only cluster what the
+    decode workers, the prepare pool and the light stages leave (the actor computes on them)."""
+    import ray
+
+    r = job.resources
+    if r.cpus_per_gpu_worker is not None:
+        return r.cpus_per_gpu_worker
+    if num_gpus > 0:
+        return 0.5
+    # The prepare pool grows to decode_workers actors: count it at that size, or the pools can fill the
+    # cluster to the last CPU and the light pack/postprocess tasks never start.
+    others = r.decode_workers * (r.cpus_per_decode_worker + min(1.0, r.cpus_per_decode_worker)) + LIGHT_CPUS
+    left = ray.cluster_resources().get("CPU", 1.0) - others
+    # Never more than this node's cores: logical CPUs beyond them add no compute, and an actor holding
+    # them all starves the next run's pools while a restarted worker of this one is still shutting down.
+    return max(1.0, min(math.floor(left / r.gpu_workers * 4) / 4, float(os.cpu_count() or 1)))
+
+
+def packs_in_flight(n: int) -> dict[str, Any]:
+    """Actor-pool settings for `n` packs at once per inference worker, each call in a thread of its own."""
+    if n == 1:
+        return {}
+    return {
+        "max_tasks_in_flight_per_actor": n,
+        "max_concurrent_calls_per_actor": n,
+        "enable_true_multi_threading": True,  # each call waits on the shared engine in its own thread
+    }
 
 
 def build_dataset(job: JobBase, items: list[Item], job_id: str, model: tuple[str, str]):
@@ -73,11 +107,15 @@ def build_dataset(job: JobBase, items: list[Item], job_id: str, model: tuple[str
     )
     ds = ds.map_batches(
         pack_table,
-        fn_kwargs={"max_batch_tokens": r.max_batch_tokens},
+        fn_kwargs={"max_pack_tokens": r.max_pack_tokens},
         batch_size=PACK_WINDOW_ROWS,
         batch_format="pyarrow",
-        num_cpus=0.25,
+        num_cpus=LIGHT_CPUS / 2,
     )
+    # One pack per block: an actor task takes one block and calls the stage on its batches one after the
+    # other, so packs sharing a block could never be in flight on a worker at once.
+    ds = ds.repartition(target_num_rows_per_block=1)
+    cpus = infer_cpus(job, num_gpus)
     with warnings.catch_warnings():
         # Ray 2.60 has no named parameter for actor restarts yet, and warns on the generic ones.
         warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated", category=Warning)
@@ -89,20 +127,23 @@ def build_dataset(job: JobBase, items: list[Item], job_id: str, model: tuple[str
                 "dtype": job.dtype,
                 "device": device,
                 "sampling": job.sampling.model_dump(),
-                "max_batch_tokens": r.max_batch_tokens,
+                "max_step_tokens": r.max_step_tokens,
                 "max_model_len": model_context(job.model, job.max_model_len),
+                "max_num_seqs": r.max_seqs_in_flight,
+                "max_waiting_bytes": r.max_waiting_bytes,
+                "cpu_threads": cpus,
                 "gpu_share": num_gpus,
                 "faults": InferFaults.for_output(job.output),
             },
-            batch_size=1,
+            batch_size=1,  # one pack per call; several calls at once keep the engine full across packs
             batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=r.gpu_workers),
+            compute=ActorPoolStrategy(size=r.gpu_workers, **packs_in_flight(r.max_packs_in_flight)),
             num_gpus=num_gpus,
-            num_cpus=1 if num_gpus == 0 else 0.5,
+            num_cpus=cpus,
             # A dead GPU worker is restarted (model loaded again) and its batches redone, a bounded number
             # of times: Ray's default is forever, which a batch that kills every worker turns into a hang.
             # Rows of a first attempt that already reached the driver are dropped there as repeats.
             max_restarts=-1,
             max_task_retries=job.limits.infer_retries,
         )
-    return ds.map_batches(Postprocess(job, *model), batch_format="pyarrow", num_cpus=0.25)
+    return ds.map_batches(Postprocess(job, *model), batch_format="pyarrow", num_cpus=LIGHT_CPUS / 2)

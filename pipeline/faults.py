@@ -6,8 +6,9 @@ separated by commas:
     VLBATCH_FAULT_DECODE_EXIT="SUBSTRING[:TIMES[:AFTER_ROWS]]"  the decode child os._exit(13)s on them
     VLBATCH_FAULT_DECODE_HANG="SUBSTRING[:TIMES[:AFTER_ROWS]]"  the decode child sleeps forever in C
                                                                 (holding the GIL)
-    VLBATCH_FAULT_INFER_EXIT="SUBSTRING[:TIMES]"                 a GPU worker os._exit(17)s after generating
-                                                                a pack that holds a matching item
+    VLBATCH_FAULT_INFER_EXIT="SUBSTRING[:TIMES[:PACKS]]"         a GPU worker os._exit(17)s after generating
+                                                                a pack that holds a matching item, holding
+                                                                PACKS packs at the time (default 0: any)
 
 The decode drills act on the first TIMES attempts (default 1) of each matching item, after sending AFTER_ROWS
 rows (default 0); they are read where the decoder is built. The GPU worker's drill is read on the driver and
@@ -19,7 +20,10 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,7 @@ FAULT_HANG_ENV = "VLBATCH_FAULT_DECODE_HANG"
 FAULT_EXIT_CODE = 13
 FAULT_INFER_EXIT_ENV = "VLBATCH_FAULT_INFER_EXIT"
 FAULT_INFER_EXIT_CODE = 17
+PACKS_WAIT_S = 30.0  # the GPU drill waits this long at most for the packs it should exit with
 FAULTS_DIR = "_faults"  # the GPU drill's counters, in the output directory (ignored by dataset readers)
 
 
@@ -91,17 +96,21 @@ def inject(fault: dict[str, Any]) -> None:
         libc.sleep(3600)
 
 
-def claim_fault(fault: Fault, fault_dir: str) -> bool:
+def claim_fault(fault: Fault, fault_dir: str, note: dict[str, Any] | None = None) -> bool:
     """True for the first `fault.times` claims of this fault, by whatever process makes them.
 
-    Each claim is a file created exclusively, so concurrent or restarted workers never count one twice.
+    Each claim is a file created exclusively, so concurrent or restarted workers never count one twice; it
+    holds `note` (as JSON), what the worker was doing when it exited.
     """
     tag = hashlib.sha1(fault.substring.encode()).hexdigest()[:12]
     for k in range(fault.times):
         try:
-            os.close(os.open(os.path.join(fault_dir, f"infer-exit-{tag}-{k}"), os.O_CREAT | os.O_EXCL))
+            path = os.path.join(fault_dir, f"infer-exit-{tag}-{k}")
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(note or {}, f)
         return True
     return False
 
@@ -124,8 +133,15 @@ class InferFaults:
         fault_dir.mkdir(parents=True, exist_ok=True)
         return cls(faults, str(fault_dir))
 
-    def maybe_exit(self, uris: list[str]) -> None:
-        """Exit now if a pack with these URIs is one the drill claims."""
+    def maybe_exit(self, uris: list[str], packs_in_flight: Callable[[], int] = lambda: 1) -> None:
+        """Exit now if a pack with these URIs is one the drill claims. A fault's third number is the packs
+        the worker must hold when it exits: it waits for them (up to PACKS_WAIT_S), then notes in the
+        claim how many it held."""
         for fault in self.faults:
-            if any(fault.substring in uri for uri in uris) and claim_fault(fault, self.fault_dir):
+            if not any(fault.substring in uri for uri in uris):
+                continue
+            deadline = time.monotonic() + PACKS_WAIT_S
+            while packs_in_flight() < fault.after_rows and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if claim_fault(fault, self.fault_dir, {"packs_in_flight": packs_in_flight()}):
                 os._exit(FAULT_INFER_EXIT_CODE)

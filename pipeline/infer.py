@@ -1,13 +1,30 @@
-"""The GPU stage: an actor that loads the checkpoint once and generates for packs of unit rows.
+"""The GPU stage: an actor that loads the checkpoint once and keeps one engine full across packs.
 
-Each actor holds one long-lived engine (`model.engine`, continuous batching). Pixels arrive as uint8 at the
-model's size; normalisation and patchify run on the model's device. The GPU worker's fault drill
+Ray Data runs up to `max_packs_in_flight` calls at once on each actor, each in a thread of its own (one pack
+per call). Every call hands its units to the worker's `EngineFeeder`, the one thread that owns the engine:
+it adds requests while the engine has room and steps it as long as anything is unfinished, so the rows of
+a new pack are prefilled beside the decodes of earlier ones and continuous batching never stops at a pack
+edge. A call returns its pack's rows as soon as they are all generated.
+
+Why a feeder thread and threaded calls rather than an async UDF: an engine step is blocking GPU/CPU work
+that would stall an actor's event loop, and a threaded actor restarted after its process died behaves as
+the plain one does (its calls are retried; tests/test_faults.py). Pixels arrive as uint8 at the model's
+size; normalisation and patchify run on the model's device when a unit joins the engine, and at most
+`max_waiting_bytes` of such model-ready pixels wait there for a slot: the other units of the packs in
+flight wait as uint8, so a worker's memory stays flat however long the job. The GPU worker's fault drill
 (VLBATCH_FAULT_INFER_EXIT) is described in `pipeline/faults.py`.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import hashlib
+import logging
+import math
+import os
+import queue
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -21,9 +38,11 @@ import torch
 from pipeline.faults import InferFaults
 from pipeline.packing import unpack_table
 from pipeline.rows import BUSY_S, INPUT_IDS, PIXELS, RecordModel, error_fields, pixels_at, result_schema
-from schemas.jobs import MAX_BATCH_TOKENS, Sampling
+from schemas.jobs import MAX_SEQS_IN_FLIGHT, MAX_STEP_TOKENS, Sampling
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+log = logging.getLogger(__name__)
+CPU_WAITING_BYTES = 512 << 20  # model-ready pixels waiting in a CPU worker's engine, unless the job says
 
 
 def pick_device(device: str) -> str:
@@ -64,17 +83,17 @@ class Generation:
 
 
 class Backend:
-    """Loads a checkpoint once; turns unit prompts into generations through one long-lived engine
-    (continuous batching: the whole pack goes to the engine at once)."""
+    """Loads a checkpoint once and builds its one long-lived engine; turns units into engine requests."""
 
     def __init__(
         self,
         model_path: str,
         dtype: str,
         device: str,
-        max_batch_tokens: int,
+        max_step_tokens: int = MAX_STEP_TOKENS,
         gpu_share: float = 1.0,
         max_model_len: int | None = None,
+        max_num_seqs: int = MAX_SEQS_IN_FLIGHT,
     ):
         from model.config import read_eos_token_ids
         from model.engine import Engine, EngineConfig
@@ -85,7 +104,9 @@ class Backend:
         self.device = pick_device(device)
         self.processor = Processor.from_pretrained(model_path)
         self.model = Qwen2VL.from_pretrained(model_path, dtype=DTYPES[dtype], device=self.device)
-        config = EngineConfig(max_batch_tokens=max(max_batch_tokens, 256), max_model_len=max_model_len)
+        config = EngineConfig(
+            max_batch_tokens=max_step_tokens, max_model_len=max_model_len, max_num_seqs=max_num_seqs
+        )
         if self.device.startswith("cuda") and 0 < gpu_share < 1:
             # Workers sharing a GPU each take their share of the memory free at start for the KV cache.
             config.kv_cache_fraction = CUDA_KV_CACHE_FRACTION * gpu_share
@@ -104,7 +125,8 @@ class Backend:
             return {"pixel_values_videos": pixel_values, "video_grid_thw": grid}
         return {"pixel_values": pixel_values, "image_grid_thw": grid}
 
-    def generate(self, units: list[UnitPrompt], sampling: Sampling) -> list[Generation]:
+    def request(self, unit: UnitPrompt, sampling: Sampling):
+        """The engine request of one unit, its pixels made model-ready on the device."""
         from model.engine import Request, SamplingParams
 
         params = SamplingParams(
@@ -115,18 +137,159 @@ class Backend:
             stop=tuple(sampling.stop),
             seed=sampling.seed,
         )
-        requests = [Request(u.input_ids, **self.vision_inputs(u), sampling=params) for u in units]
-        outputs = self.engine.generate(requests)
-        return [
-            Generation(
-                o.text, o.finish_reason, o.num_generated_tokens, o.timings.get("total_s", 0.0), o.error
-            )
-            for o in outputs
-        ]
+        return Request(unit.input_ids, **self.vision_inputs(unit), sampling=params)
+
+    def waiting_room_bytes(self, max_waiting_bytes: int | None) -> int:
+        """The job's bound on model-ready pixels waiting in the engine, or one sized from the device."""
+        if max_waiting_bytes is not None:
+            return max_waiting_bytes
+        if self.device.startswith("cuda"):
+            return torch.cuda.get_device_properties(self.device).total_memory // 50
+        return CPU_WAITING_BYTES
+
+
+def generation_of(output) -> Generation:
+    """An engine output as the stage's Generation."""
+    seconds = output.timings.get("total_s", 0.0)
+    return Generation(output.text, output.finish_reason, output.num_generated_tokens, seconds, output.error)
+
+
+def failed(error: BaseException | str) -> Generation:
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return Generation("", "error", 0, 0.0, text)
+
+
+class EngineFeeder:
+    """The one thread that drives a worker's engine: units from any number of packs go in as room frees,
+    each output goes back to the future its pack waits on. It never dies silently: whatever stops it fails
+    every future it holds, and later submissions fail at once."""
+
+    def __init__(self, backend: Backend, sampling: Sampling, max_waiting_bytes: int):
+        self.backend, self.engine, self.sampling = backend, backend.engine, sampling
+        self.max_waiting_bytes = max_waiting_bytes
+        self.inbox: queue.Queue = queue.Queue()
+        self.futures: dict[int, concurrent.futures.Future] = {}  # request id -> its unit's future
+        self.units: dict[int, UnitPrompt] = {}  # request id -> its unit, until it finishes
+        self.waiting_bytes: dict[int, int] = {}  # request id -> model-ready pixel bytes, until admitted
+        self.busy_s = 0.0  # seconds in engine steps not yet claimed by a finished pack
+        self.broken: str | None = None  # why the thread stopped, if it did
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, name="engine-feeder", daemon=True)
+        self.thread.start()
+
+    def submit(self, unit: UnitPrompt) -> concurrent.futures.Future:
+        """A future of the unit's Generation."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self.lock:
+            if self.broken is not None:
+                future.set_result(failed(self.broken))
+                return future
+            self.inbox.put((unit, future))
+        return future
+
+    def take_busy_s(self) -> float:
+        """Engine seconds since the last call: summed over packs, the worker's busy time, never counted
+        twice however packs overlap."""
+        with self.lock:
+            busy, self.busy_s = self.busy_s, 0.0
+        return busy
+
+    def _room(self) -> bool:
+        waiting = set(self.engine.waiting_request_ids)
+        for rid in [r for r in self.waiting_bytes if r not in waiting]:
+            del self.waiting_bytes[rid]  # admitted: its pixels are the engine's to encode and free
+        return not self.waiting_bytes or sum(self.waiting_bytes.values()) < self.max_waiting_bytes
+
+    def _add(self, unit: UnitPrompt, future: concurrent.futures.Future) -> None:
+        try:
+            request = self.backend.request(unit, self.sampling)
+            rid = self.engine.add_request(request)
+        except Exception as e:  # a unit the device cannot take: its own error row
+            future.set_result(failed(e))
+            return
+        self.futures[rid], self.units[rid] = future, unit
+        pixels = (t for t in (request.pixel_values, request.pixel_values_videos) if t is not None)
+        self.waiting_bytes[rid] = sum(t.numel() * t.element_size() for t in pixels)
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:
+            with self.lock:
+                self.broken = f"the engine thread stopped ({type(e).__name__}: {e})"
+            for future in self.futures.values():
+                future.set_result(failed(self.broken))
+            while True:
+                try:
+                    _, future = self.inbox.get_nowait()
+                except queue.Empty:
+                    break
+                future.set_result(failed(self.broken))
+            log.exception("%s; this worker's packs become error rows, redone by the next run", self.broken)
+
+    def _loop(self) -> None:
+        pending: collections.deque = collections.deque()
+        idle_steps = 0
+        while True:
+            if not pending and not self.engine.has_unfinished:
+                pending.append(self.inbox.get())  # idle: sleep until a pack arrives
+            while True:
+                try:
+                    pending.append(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+            while pending and self._room():
+                self._add(*pending.popleft())
+            if not self.engine.has_unfinished:
+                continue
+            started, steps = time.perf_counter(), self.engine.stats.steps
+            try:
+                outputs = self.engine.step()
+            except Exception:  # the step failed as a whole: redo its requests one by one
+                self._redo_alone()
+                continue
+            finally:
+                with self.lock:
+                    self.busy_s += time.perf_counter() - started
+            for out in outputs:
+                self.units.pop(out.index, None)
+                self.waiting_bytes.pop(out.index, None)
+                self.futures.pop(out.index).set_result(generation_of(out))
+            # A scheduler that finds nothing to run (a request that can never fit) must not spin for ever.
+            idle_steps = idle_steps + 1 if self.engine.stats.steps == steps and not outputs else 0
+            if idle_steps > 2:
+                self._fail_all("the engine made no progress: the scheduler found nothing to run")
+                idle_steps = 0
+
+    def _fail_all(self, message: str) -> None:
+        self.engine.abort_all()
+        for future in self.futures.values():
+            future.set_result(failed(message))
+        self.futures.clear(), self.units.clear(), self.waiting_bytes.clear()
+
+    def _redo_alone(self) -> None:
+        """After a failed step: every unfinished unit alone, so one bad unit cannot sink the others."""
+        self.engine.abort_all()
+        todo = [(self.units[rid], future) for rid, future in self.futures.items()]
+        self.futures.clear(), self.units.clear(), self.waiting_bytes.clear()
+        for unit, future in todo:
+            try:
+                (out,) = self.engine.generate([self.backend.request(unit, self.sampling)])
+                future.set_result(generation_of(out))
+            except Exception as e:
+                future.set_result(failed(e))
+
+
+def torch_threads(cpus: float | None) -> int | None:
+    """Torch threads of a CPU worker given `cpus`: its CPUs rounded up, never more than the node's cores."""
+    if cpus is None:
+        return None
+    return max(1, min(math.ceil(cpus), os.cpu_count() or 1))
 
 
 class Infer:
-    """Ray Data stage (actor pool, `num_gpus` per actor): packs of prepared rows in, result rows out."""
+    """Ray Data stage (actor pool, `num_gpus` per actor, threaded calls): packs of prepared rows in, result
+    rows out; the packs in flight share the worker's one engine."""
 
     def __init__(
         self,
@@ -135,41 +298,37 @@ class Infer:
         sampling: dict[str, Any],
         dtype: str = "bfloat16",
         device: str = "auto",
-        max_batch_tokens: int = MAX_BATCH_TOKENS,
+        max_step_tokens: int = MAX_STEP_TOKENS,
         gpu_share: float = 1.0,
         faults: InferFaults | None = None,
         max_model_len: int | None = None,
+        max_num_seqs: int = MAX_SEQS_IN_FLIGHT,
+        max_waiting_bytes: int | None = None,
+        cpu_threads: float | None = None,
     ):
-        self.backend = Backend(model_path, dtype, device, max_batch_tokens, gpu_share, max_model_len)
+        threads = torch_threads(cpu_threads)
+        if threads is not None and pick_device(device) == "cpu":
+            # Ray sets OMP_NUM_THREADS to the actor's CPUs rounded down (1 for a fraction): compute with the
+            # CPUs this worker was given instead.
+            torch.set_num_threads(threads)
+        self.backend = Backend(
+            model_path, dtype, device, max_step_tokens, gpu_share, max_model_len, max_num_seqs
+        )
         self.sampling = Sampling.model_validate(sampling)
+        waiting_room = self.backend.waiting_room_bytes(max_waiting_bytes)
+        self.feeder = EngineFeeder(self.backend, self.sampling, waiting_room)
         self.schema = result_schema(record)
         self.faults = faults or InferFaults()
-
-    def generate(self, units: list[UnitPrompt]) -> list[Generation]:
-        """All at once; if the pack fails as a whole, unit by unit so one bad row cannot sink the others."""
-        try:
-            return self.backend.generate(units, self.sampling)
-        except Exception:
-            if len(units) == 1:
-                raise
-        out = []
-        for u in units:
-            try:
-                out.extend(self.backend.generate([u], self.sampling))
-            except Exception as e:
-                out.append(Generation("", "error", 0, 0.0, f"{type(e).__name__}: {e}"))
-        return out
+        self.lock = threading.Lock()
+        self.packs_in_flight = 0  # calls running now: the packs this worker holds
 
     def run_pack(self, table: pa.Table) -> list[dict[str, Any]]:
-        started = time.perf_counter()
+        """One pack's rows with their generations; its units share the engine with other packs' units."""
         rows = table.drop_columns([PIXELS]).to_pylist()
         todo = [i for i, r in enumerate(rows) if r["status"] == "ok"]
-        units = [UnitPrompt(rows[i][INPUT_IDS], pixels_at(table, i)) for i in todo]
-        try:
-            generations = self.generate(units) if units else []
-        except Exception as e:
-            generations = [Generation("", "error", 0, 0.0, f"{type(e).__name__}: {e}")] * len(units)
-        for i, g in zip(todo, generations):
+        futures = [self.feeder.submit(UnitPrompt(rows[i][INPUT_IDS], pixels_at(table, i))) for i in todo]
+        for i, future in zip(todo, futures):
+            g = future.result()
             row = rows[i]
             row.update(
                 text=g.text,
@@ -180,13 +339,19 @@ class Infer:
             if g.finish_reason == "error":
                 row.update(error_fields(row["uri"], "infer", g.error or "generation failed"))
         # The drill strikes after the work, before its results leave: the worst moment to die.
-        self.faults.maybe_exit([str(r["uri"]) for r in rows])
+        self.faults.maybe_exit([str(r["uri"]) for r in rows], lambda: self.packs_in_flight)
         if rows:
-            rows[0][BUSY_S] = time.perf_counter() - started
+            rows[0][BUSY_S] = self.feeder.take_busy_s()
         return rows
 
     def __call__(self, packs: pa.Table) -> pa.Table:
-        rows = []
-        for k in range(packs.num_rows):
-            rows.extend(self.run_pack(unpack_table(packs.slice(k, 1))))
+        with self.lock:
+            self.packs_in_flight += 1
+        try:
+            rows = []
+            for k in range(packs.num_rows):
+                rows.extend(self.run_pack(unpack_table(packs.slice(k, 1))))
+        finally:
+            with self.lock:
+                self.packs_in_flight -= 1
         return pa.Table.from_pylist(rows, schema=self.schema)

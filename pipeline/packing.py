@@ -1,7 +1,7 @@
 """Pack rows for the GPU stage by token budget, not by row count.
 
 A 2-hour video window and a receipt must not count the same: a pack holds rows whose summed prompt cost
-(visual + text tokens) stays within `max_batch_tokens`; a row larger than the budget travels alone.
+(visual + text tokens) stays within `max_pack_tokens`; a row larger than the budget travels alone.
 In the Ray Data chain a pack is one row whose columns are lists (`pack_table`); the GPU stage turns it
 back into unit rows (`unpack_table`).
 """
@@ -21,14 +21,14 @@ from pipeline.rows import COST_COLUMN
 class TokenBudgetPacker:
     """First-fit decreasing bin packing of row costs under a token budget."""
 
-    max_batch_tokens: int
+    max_pack_tokens: int
 
     def __post_init__(self) -> None:
-        if self.max_batch_tokens <= 0:
-            raise ValueError(f"max_batch_tokens must be positive, got {self.max_batch_tokens}")
+        if self.max_pack_tokens <= 0:
+            raise ValueError(f"max_pack_tokens must be positive, got {self.max_pack_tokens}")
 
     def pack(self, costs: Sequence[int]) -> list[list[int]]:
-        """Group row indices into packs whose cost sums stay <= max_batch_tokens (None costs nothing)."""
+        """Group row indices into packs whose cost sums stay <= max_pack_tokens (None costs nothing)."""
         costs = [max(int(c or 0), 0) for c in costs]
         packs: list[list[int]] = []
         loads: list[int] = []
@@ -36,7 +36,7 @@ class TokenBudgetPacker:
         for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
             cost = costs[i]
             for p, load in enumerate(loads):
-                if load + cost <= self.max_batch_tokens:
+                if load + cost <= self.max_pack_tokens:
                     packs[p].append(i)
                     loads[p] += cost
                     break
@@ -49,11 +49,11 @@ class TokenBudgetPacker:
         return packs
 
 
-def pack_table(table: pa.Table, max_batch_tokens: int, cost_column: str = COST_COLUMN) -> pa.Table:
+def pack_table(table: pa.Table, max_pack_tokens: int, cost_column: str = COST_COLUMN) -> pa.Table:
     """One output row per pack; every input column becomes a list column holding the pack's rows."""
     if table.num_rows == 0:
         return table
-    packs = TokenBudgetPacker(max_batch_tokens).pack(table.column(cost_column).to_pylist())
+    packs = TokenBudgetPacker(max_pack_tokens).pack(table.column(cost_column).to_pylist())
     order = pa.array([i for p in packs for i in p], type=pa.int64())
     offsets = [0]
     for p in packs:

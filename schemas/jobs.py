@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -43,7 +44,11 @@ MAX_VIDEO_SECONDS = 4 * 3600.0
 MAX_SOURCE_FRAMES = 1_000_000
 MAX_SOURCE_PIXELS = 89_478_485  # Pillow's decompression-bomb threshold
 MAX_PAGES_PER_DOCUMENT = 2000
-MAX_BATCH_TOKENS = 16384
+# The GPU stage's budgets (the job's `resources`).
+MAX_PACK_TOKENS = 16384  # visual + prompt tokens one pack carries to a worker
+MAX_STEP_TOKENS = 16384  # tokens an engine step computes
+MAX_SEQS_IN_FLIGHT = 256  # sequences one engine holds
+MAX_PACKS_IN_FLIGHT = 4  # packs a worker takes at once
 
 DEFAULT_CAPTION_PROMPT = "Describe this video in detail."
 DEFAULT_OCR_PROMPT = (
@@ -102,11 +107,42 @@ class Resources(Strict):
         description="GPUs per inference actor (several: tensor parallel); 0 on CPU-only "
         "machines. Ignored where the cluster has no GPUs or device is cpu.",
     )
-    max_batch_tokens: int = Field(
-        MAX_BATCH_TOKENS,
+    cpus_per_gpu_worker: float | None = Field(
+        None,
+        gt=0.0,
+        description="CPUs each inference actor asks for; on a machine without GPUs also the torch threads it "
+        "computes with (at most the node's cores). null: 0.5 where the cluster has GPUs; on a CPU-only "
+        "cluster what the decode workers and the light stages leave, shared among gpu_workers, at most "
+        "the node's cores.",
+    )
+    max_pack_tokens: int = Field(
+        MAX_PACK_TOKENS,
         ge=1,
-        description="Visual + prompt tokens of the rows sent to a GPU worker at once, and "
-        "the engine's prefill budget per step.",
+        validation_alias=AliasChoices("max_pack_tokens", "max_batch_tokens"),
+        description="Visual + prompt tokens of the rows one pack carries to an inference worker (a unit "
+        "larger than this travels alone). Also accepted as max_batch_tokens, its old name.",
+    )
+    max_step_tokens: int = Field(
+        MAX_STEP_TOKENS,
+        ge=256,
+        description="Tokens the engine computes per step (prefill chunks + one per decoding sequence).",
+    )
+    max_seqs_in_flight: int = Field(
+        MAX_SEQS_IN_FLIGHT,
+        ge=1,
+        description="Sequences an inference worker's engine holds at once (each with its KV cache).",
+    )
+    max_packs_in_flight: int = Field(
+        MAX_PACKS_IN_FLIGHT,
+        ge=1,
+        description="Packs a worker takes at once: new rows join the engine while earlier ones still "
+        "decode, so it stays full across pack edges. 1: each pack drains before the next.",
+    )
+    max_waiting_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="Bytes of model-ready pixel values that may wait in a worker's engine for a free slot; "
+        "the rest of the packs in flight wait as uint8. null: 2% of the GPU's memory, 512 MiB on CPU.",
     )
 
 

@@ -176,6 +176,30 @@ def test_a_batch_that_kills_every_worker_costs_its_items_not_the_job(
     assert all((g.status == "ok").all() for g in rows.values()) and set(rows) == {"a.png", "poison.png"}
 
 
+def test_a_gpu_worker_killed_with_several_packs_in_flight_has_all_of_them_redone(
+    tmp_path, tiny_checkpoint, ray_local, monkeypatch
+):
+    """Every pack travels alone and a worker holds four at once: the worker exits after one of them, and
+    the packs it held beside it are redone on the restarted worker, each unit written once."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    names = [f"p{i:02d}.png" for i in range(12)]
+    for i, name in enumerate(names):
+        make_image(docs / name, size=(40, 30), index=i)
+    out = tmp_path / "out"
+    data = spec(tiny_checkpoint, docs, out)
+    data["resources"].update(max_batch_tokens=1, max_packs_in_flight=4)
+    monkeypatch.setenv(FAULT_INFER_EXIT_ENV, "p03.png:1:3")  # exit holding three packs, p03's among them
+    summary = run_job(validate_job(data), progress=False)
+    (claim,) = (out / FAULTS_DIR).glob("infer-exit-*")
+    assert json.loads(claim.read_text())["packs_in_flight"] >= 3  # the exit took two other packs with it
+    rows = rows_by_name(out)  # also: no unit twice
+    assert sorted(rows) == names and summary.finished
+    for name in names:
+        (row,) = rows[name].itertuples()
+        assert row.status == "ok" and 1 <= row.generated_tokens <= 2, name
+
+
 def test_limits_have_safe_defaults_and_say_what_they_do():
     limits = Limits()
     for name, field in Limits.model_fields.items():

@@ -47,7 +47,7 @@ def test_rows_without_cost_ride_along():
 
 
 def test_rejects_non_positive_budget():
-    with pytest.raises(ValueError, match="max_batch_tokens"):
+    with pytest.raises(ValueError, match="max_pack_tokens"):
         TokenBudgetPacker(0)
 
 
@@ -57,7 +57,7 @@ def test_pack_table_round_trip_keeps_every_row_and_its_bytes():
         for k, c in enumerate([5, 50, 120, 7, 300, 1, 0, 64])
     ]
     table = pa.Table.from_pylist(rows)
-    packed = pack_table(table, max_batch_tokens=128)
+    packed = pack_table(table, max_pack_tokens=128)
     assert packed.num_rows < table.num_rows
     for k in range(packed.num_rows):
         one = unpack_table(packed.slice(k, 1))

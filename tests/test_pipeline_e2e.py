@@ -263,7 +263,7 @@ def test_stages_run_without_ray(pipeline_corpus):
             prepared.column("prompt_tokens").to_pylist(), prepared.column("visual_tokens").to_pylist()
         )
     ]
-    packs = pack_table(prepared, max_batch_tokens=job.resources.max_batch_tokens)
+    packs = pack_table(prepared, max_pack_tokens=job.resources.max_pack_tokens)
     infer = Infer(job.model, PageRecord, job.sampling.model_dump(), dtype="float32", device="cpu")
     results = pa.concat_tables(infer(packs.slice(k, 1)) for k in range(packs.num_rows))
     rows = Postprocess(job, *model_identity(job.model))(results).to_pylist()

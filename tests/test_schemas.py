@@ -38,7 +38,7 @@ def test_kind_selects_the_job_model_with_defaults(tmp_path):
     job = load_job(write(tmp_path, "kind: caption_videos\n" + BASE))
     assert isinstance(job, CaptionVideosJob)
     assert (job.fps, job.min_frames, job.max_frames, job.clip_seconds) == (2.0, 4, 768, 120.0)
-    assert job.prompt == DEFAULT_CAPTION_PROMPT and job.resources.max_batch_tokens > 0
+    assert job.prompt == DEFAULT_CAPTION_PROMPT and job.resources.max_pack_tokens > 0
     ocr = load_job(write(tmp_path, "kind: ocr_documents\n" + BASE + "page_ranges: 2\n"))
     assert isinstance(ocr, OcrDocumentsJob)
     assert (ocr.target_longest_side, ocr.dpi, ocr.keep_text_layer, ocr.page_ranges) == (1288, None, True, "2")
