@@ -264,3 +264,15 @@ def strip_mp4_timing(path: str | Path) -> Path:
         data[start : start + (8 if wide else 4)] = bytes(8 if wide else 4)
     path.write_bytes(bytes(data))
     return path
+
+
+def cpu_overrides(max_new_tokens: int = 2) -> list[str]:
+    """`--set` values that make a CLI job small and CPU-only: one decode worker at half a CPU, float32."""
+    return [
+        "dtype=float32",
+        "device=cpu",
+        f"sampling.max_new_tokens={max_new_tokens}",
+        "resources.decode_workers=1",
+        "resources.cpus_per_decode_worker=0.5",
+        "resources.gpus_per_worker=0",
+    ]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from media import cpu_overrides
 
 from jobs.cli import _job_from_args, build_parser, main
 from jobs.submit import absolute_paths, decode_spec, encode_spec, resolve_address
@@ -128,14 +129,7 @@ def test_ocr_documents_command_runs_a_job(tmp_path, capsys, pipeline_corpus, ray
         pipeline_corpus["ocr"]["model"],
         "--no-progress",
     ]
-    overrides = [
-        "dtype=float32",
-        "device=cpu",
-        "sampling.max_new_tokens=3",
-        "resources.decode_workers=1",
-        "resources.cpus_per_decode_worker=0.5",
-        "resources.gpus_per_worker=0",
-    ]
+    overrides = cpu_overrides(max_new_tokens=3)
     assert main(argv + [a for o in overrides for a in ("--set", o)]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("vlbatch ocr_documents: 2 items") and "3 pages: 3 ok, 0 errors" in line

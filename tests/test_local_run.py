@@ -15,23 +15,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from media import cpu_overrides
 
 from jobs.cli import main
 from pipeline.chain import PACK_WINDOW_ROWS
 
 VLBATCH = Path(sys.executable).parent / "vlbatch"
 ROOT = Path(__file__).resolve().parent.parent
-CPU_FLAGS = [
-    f"--set={o}"
-    for o in (
-        "dtype=float32",
-        "device=cpu",
-        "sampling.max_new_tokens=2",
-        "resources.decode_workers=1",
-        "resources.cpus_per_decode_worker=0.5",
-        "resources.gpus_per_worker=0",
-    )
-]
+CPU_FLAGS = [f"--set={o}" for o in cpu_overrides()]
 
 
 @pytest.fixture

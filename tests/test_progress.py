@@ -12,6 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from media import cpu_overrides
+
 from pipeline import progress
 from pipeline.progress import ProgressLine
 
@@ -96,14 +98,7 @@ def test_stage_lines_count_ray_datas_rows(pipeline_corpus, ray_local, tmp_path, 
 def test_a_healthy_run_prints_its_summary_and_no_ray_noise(tmp_path, pipeline_corpus):
     """The CLI as a user runs it, in a child process with a Ray of its own (never the session's)."""
     docs = pipeline_corpus["root"] / "docs"
-    overrides = [
-        "dtype=float32",
-        "device=cpu",
-        "sampling.max_new_tokens=2",
-        "resources.decode_workers=1",
-        "resources.cpus_per_decode_worker=0.5",
-        "resources.gpus_per_worker=0",
-    ]
+    overrides = cpu_overrides()
     command = [str(VLBATCH), "ocr-documents", str(docs / "h.jpg"), "--out", str(tmp_path / "out")]
     command += ["--model", pipeline_corpus["ocr"]["model"]]
     command += [a for o in overrides for a in ("--set", o)]
