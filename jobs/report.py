@@ -4,6 +4,9 @@ Summary (from `_manifest.json`), errors grouped by stage and message, token and 
 throughput over time, and a sample of units beside what the model wrote. Frames and pages are decoded again
 from the sources with the job's own settings and decoders (decode is frame-exact: they are what the model
 saw). Images are small base64 JPEGs and plots are inline SVG: no server, no network, no script.
+
+One module past 400 lines on purpose: it is one page, section by section, and each section's reading of
+the output sits beside the HTML it becomes.
 """
 
 from __future__ import annotations
