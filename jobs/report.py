@@ -283,7 +283,7 @@ def sample_section(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             if row.get("fields") is not None:
                 texts += f'<h4>fields</h4><pre class="fields">{e(json.dumps(row["fields"], indent=1))}</pre>'
             elif row.get("fields_valid") is False:
-                texts += '<p class="missing">the answer did not parse as the caption fields</p>'
+                texts += '<p class="missing">the answer is not a valid object (cut at max_new_tokens?)</p>'
         else:
             where = f"page {row['page_number']} of {row['page_count']}"
             texts = f'<h4>OCR text</h4><pre class="text">{e(row.get("text"))}</pre>'

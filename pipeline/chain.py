@@ -78,7 +78,8 @@ def build_dataset(job: JobBase, items: list[Item], job_id: str, model: tuple[str
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    record, r = task_of(job).record, job.resources
+    task, r = task_of(job), job.resources
+    record = task.output_record(job)
     num_gpus = gpus_per_infer_worker(job)
     device = job.device if job.device != "auto" else ("cuda" if num_gpus > 0 else "cpu")
     # One item per input block (up to a cap) so the decode pool balances items, not block-sized chunks.
@@ -134,6 +135,7 @@ def build_dataset(job: JobBase, items: list[Item], job_id: str, model: tuple[str
                 "cpu_threads": cpus,
                 "gpu_share": num_gpus,
                 "faults": InferFaults.for_output(job.output),
+                "json_schema": task.json_schema(job),
             },
             batch_size=1,  # one pack per call; several calls at once keep the engine full across packs
             batch_format="pyarrow",

@@ -176,7 +176,7 @@ def execute(
     line = ProgressLine(job.kind, len(todo), task.unit) if progress and not verbose else None
     writer = DatasetWriter(
         out_dir,
-        arrow_schema(task.record),
+        arrow_schema(task.output_record(job)),
         item_key="item_id",
         unit_key=UNIT_ORDINAL,
         rows_per_file=job.limits.rows_per_file,

@@ -125,8 +125,9 @@ class Backend:
             return {"pixel_values_videos": pixel_values, "video_grid_thw": grid}
         return {"pixel_values": pixel_values, "image_grid_thw": grid}
 
-    def request(self, unit: UnitPrompt, sampling: Sampling):
-        """The engine request of one unit, its pixels made model-ready on the device."""
+    def request(self, unit: UnitPrompt, sampling: Sampling, json_schema: dict | None = None):
+        """The engine request of one unit, its pixels made model-ready on the device; generated under
+        `json_schema` if given."""
         from model.engine import Request, SamplingParams
 
         params = SamplingParams(
@@ -136,6 +137,7 @@ class Backend:
             top_k=sampling.top_k,
             stop=tuple(sampling.stop),
             seed=sampling.seed,
+            json_schema=json_schema,
         )
         return Request(unit.input_ids, **self.vision_inputs(unit), sampling=params)
 
@@ -164,8 +166,11 @@ class EngineFeeder:
     each output goes back to the future its pack waits on. It never dies silently: whatever stops it fails
     every future it holds, and later submissions fail at once."""
 
-    def __init__(self, backend: Backend, sampling: Sampling, max_waiting_bytes: int):
+    def __init__(
+        self, backend: Backend, sampling: Sampling, max_waiting_bytes: int, json_schema: dict | None = None
+    ):
         self.backend, self.engine, self.sampling = backend, backend.engine, sampling
+        self.json_schema = json_schema
         self.max_waiting_bytes = max_waiting_bytes
         self.inbox: queue.Queue = queue.Queue()
         self.futures: dict[int, concurrent.futures.Future] = {}  # request id -> its unit's future
@@ -202,7 +207,7 @@ class EngineFeeder:
 
     def _add(self, unit: UnitPrompt, future: concurrent.futures.Future) -> None:
         try:
-            request = self.backend.request(unit, self.sampling)
+            request = self.backend.request(unit, self.sampling, self.json_schema)
             rid = self.engine.add_request(request)
         except Exception as e:  # a unit the device cannot take: its own error row
             future.set_result(failed(e))
@@ -274,7 +279,7 @@ class EngineFeeder:
         self.futures.clear(), self.units.clear(), self.waiting_bytes.clear()
         for unit, future in todo:
             try:
-                (out,) = self.engine.generate([self.backend.request(unit, self.sampling)])
+                (out,) = self.engine.generate([self.backend.request(unit, self.sampling, self.json_schema)])
                 future.set_result(generation_of(out))
             except Exception as e:
                 future.set_result(failed(e))
@@ -305,6 +310,7 @@ class Infer:
         max_num_seqs: int = MAX_SEQS_IN_FLIGHT,
         max_waiting_bytes: int | None = None,
         cpu_threads: float | None = None,
+        json_schema: dict | None = None,
     ):
         threads = torch_threads(cpu_threads)
         if threads is not None and pick_device(device) == "cpu":
@@ -316,7 +322,7 @@ class Infer:
         )
         self.sampling = Sampling.model_validate(sampling)
         waiting_room = self.backend.waiting_room_bytes(max_waiting_bytes)
-        self.feeder = EngineFeeder(self.backend, self.sampling, waiting_room)
+        self.feeder = EngineFeeder(self.backend, self.sampling, waiting_room, json_schema)
         self.schema = result_schema(record)
         self.faults = faults or InferFaults()
         self.lock = threading.Lock()

@@ -16,7 +16,7 @@ class Postprocess:
 
     def __init__(self, job: Any, model_id: str, model_fingerprint: str):
         self.job, self.task = job, task_of(job)
-        self.schema = result_schema(self.task.record)
+        self.schema = result_schema(self.task.output_record(job))
         self.model = {"model_id": model_id, "model_fingerprint": model_fingerprint}
 
     def finish(self, row: dict[str, Any], now: dt.datetime) -> dict[str, Any]:

@@ -16,10 +16,12 @@ import yaml
 from pydantic import (
     AliasChoices,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -69,6 +71,37 @@ def caption_json_prompt() -> str:
         "Describe this video. Answer with one JSON object and nothing else, with the keys "
         f"{keys}: summary is a paragraph, the others are lists of short strings."
     )
+
+
+def json_answer_prompt(instruction: str, schema: dict[str, Any]) -> str:
+    """A prompt asking for one JSON object of a user's schema, its keys (and their descriptions) named."""
+    from schemas.fields_schema import schema_keys
+
+    props = schema.get("properties", {})
+    keys = ", ".join(
+        f'"{k}" ({props[k]["description"]})'
+        if isinstance(props.get(k), dict) and props[k].get("description")
+        else f'"{k}"'
+        for k in schema_keys(schema)
+    )
+    return f"{instruction} Answer with one JSON object and nothing else, with the keys {keys}."
+
+
+def _fields_schema(value: Any, info: ValidationInfo) -> Any:
+    """A fields schema (inline, JSON text or a file's path) loaded and checked at job start: whatever cannot
+    become a typed column or a grammar is refused here, named, never met mid-run."""
+    if value is None:
+        return None
+    from model.engine.grammar import grammar_of
+    from schemas.fields_schema import fields_model, load_fields_schema
+
+    schema = load_fields_schema(value, info.field_name)
+    fields_model(schema, info.field_name)
+    grammar_of(schema)
+    return schema
+
+
+FieldsSchema = Annotated[dict[str, Any] | None, BeforeValidator(_fields_schema)]
 
 
 class JobSpecError(ValueError):
@@ -327,8 +360,15 @@ class CaptionVideosJob(JobBase):
     )
     caption_format: Literal["text", "json"] = Field(
         "text",
-        description="json: the model is asked for JSON, parsed into the `fields` column "
-        "(summary, objects, actions, on_screen_text).",
+        description="json: captions are generated under a JSON schema (constrained decoding, so every "
+        "caption parses) into the typed `fields` column; the built-in schema is summary, objects, actions, "
+        "on_screen_text, unless caption_schema gives one.",
+    )
+    caption_schema: FieldsSchema = Field(
+        None,
+        description="Your own JSON schema of a caption (inline, or a .json/.yaml file's path): objects, "
+        "arrays, enums, strings, numbers, booleans, nesting. Implies caption_format json; `fields` becomes "
+        "a Parquet struct of exactly these keys and types.",
     )
 
     @model_validator(mode="after")
@@ -337,8 +377,15 @@ class CaptionVideosJob(JobBase):
             raise ValueError(f"min_frames ({self.min_frames}) exceeds max_frames ({self.max_frames})")
         if self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels ({self.min_pixels}) exceeds max_pixels ({self.max_pixels})")
+        if self.caption_schema is not None:
+            if "caption_format" in self.model_fields_set and self.caption_format != "json":
+                raise ValueError("caption_schema makes JSON captions: drop caption_format: text")
+            object.__setattr__(self, "caption_format", "json")
         if self.prompt is None:
-            prompt = caption_json_prompt() if self.caption_format == "json" else DEFAULT_CAPTION_PROMPT
+            if self.caption_schema is not None:
+                prompt = json_answer_prompt("Describe this video.", self.caption_schema)
+            else:
+                prompt = caption_json_prompt() if self.caption_format == "json" else DEFAULT_CAPTION_PROMPT
             object.__setattr__(self, "prompt", prompt)
         return self
 
@@ -381,6 +428,12 @@ class OcrDocumentsJob(JobBase):
         None, description='Pages to read, 1-based, e.g. "1-3,7,10-"; null: every page.'
     )
     keep_text_layer: bool = Field(True, description="Keep each page's own text layer in `text_layer`.")
+    page_schema: FieldsSchema = Field(
+        None,
+        description="A JSON schema of what to read from each page (inline, or a .json/.yaml file's path), "
+        "e.g. olmOCR's language, rotation, is_table and natural_text: pages are generated under it "
+        "(constrained decoding) into a typed `fields` column, and `text` holds the JSON as written.",
+    )
 
     @field_validator("page_ranges", mode="before")
     @classmethod
@@ -398,7 +451,10 @@ class OcrDocumentsJob(JobBase):
         if self.dpi is None and self.target_longest_side is None:
             object.__setattr__(self, "target_longest_side", PAGE_LONGEST_SIDE)
         if self.prompt is None:
-            object.__setattr__(self, "prompt", DEFAULT_OCR_PROMPT)
+            prompt = DEFAULT_OCR_PROMPT
+            if self.page_schema is not None:
+                prompt = json_answer_prompt("Read this page.", self.page_schema)
+            object.__setattr__(self, "prompt", prompt)
         return self
 
 

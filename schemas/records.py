@@ -3,26 +3,28 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import math
-import re
 import types
 import typing
 from typing import Any, Literal, Union
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, ValidationError
+import pydantic
+from pydantic import BaseModel, ConfigDict
 
 # Bump when a field is renamed, removed or changes type; readers check it in the Parquet metadata.
 SCHEMA_VERSION = "1"
 SCHEMA_VERSION_KEY = b"vlbatch.schema_version"
 RECORD_KIND_KEY = b"vlbatch.record"
+FIELDS_SCHEMA_KEY = b"vlbatch.fields_schema"  # the JSON schema the `fields` struct was derived from
 
 Status = Literal["ok", "error"]
 
 
 class CaptionFields(BaseModel):
-    """What a structured caption holds when the prompt asks the model for JSON."""
+    """The built-in schema of JSON captions (caption_format: json); generation is constrained to it."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -30,17 +32,6 @@ class CaptionFields(BaseModel):
     objects: list[str] = []
     actions: list[str] = []
     on_screen_text: list[str] = []
-
-    @classmethod
-    def parse(cls, text: str) -> CaptionFields | None:
-        """The fields of a model answer holding one JSON object (fences allowed); None if it does not fit."""
-        match = re.search(r"\{.*\}", text, flags=re.DOTALL)
-        if match is None:
-            return None
-        try:
-            return cls.model_validate(json.loads(match.group(0)))
-        except (ValueError, ValidationError):
-            return None
 
 
 class RecordBase(BaseModel):
@@ -83,8 +74,8 @@ class CaptionRecord(RecordBase):
     source_width: int | None = None
     source_height: int | None = None
     text: str | None = None  # the caption as generated
-    fields: CaptionFields | None = None  # parsed from `text` when the prompt asks for JSON
-    fields_valid: bool | None = None  # None: plain-text captions; False: JSON asked for but not parsable
+    fields: CaptionFields | None = None  # the caption's JSON (caption_format: json), typed
+    fields_valid: bool | None = None  # None: plain-text captions; False: cut at max_new_tokens or unparsable
 
 
 class PageRecord(RecordBase):
@@ -115,6 +106,8 @@ _SCALARS: dict[type, pa.DataType] = {
 
 def _arrow_type(annotation: Any, where: str) -> tuple[pa.DataType, bool]:
     """(arrow type, nullable) of one python annotation."""
+    if typing.get_origin(annotation) is typing.Annotated:  # constraints (lengths, bounds) keep the type
+        annotation = typing.get_args(annotation)[0]
     origin = typing.get_origin(annotation)
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -143,14 +136,50 @@ def _fields(model: type[BaseModel]) -> list[pa.Field]:
     fields = []
     for name, info in model.model_fields.items():
         arrow, nullable = _arrow_type(info.annotation, f"{model.__name__}.{name}")
-        fields.append(pa.field(name, arrow, nullable=nullable))
+        fields.append(pa.field(info.alias or name, arrow, nullable=nullable))  # aliases: JSON names
     return fields
 
 
 def arrow_schema(model: type[BaseModel]) -> pa.Schema:
-    """The Parquet schema of a record model, field by field, with the schema version in its metadata."""
+    """The Parquet schema of a record model, field by field, with the schema version in its metadata (and
+    the JSON schema of its `fields`, where a job gave one)."""
     metadata = {SCHEMA_VERSION_KEY: SCHEMA_VERSION.encode(), RECORD_KIND_KEY: model.__name__.encode()}
+    fields_schema = getattr(model, "fields_json_schema", None)
+    if fields_schema is not None:
+        metadata[FIELDS_SCHEMA_KEY] = json.dumps(fields_schema).encode()
     return pa.schema(_fields(model), metadata=metadata)
+
+
+@functools.lru_cache(maxsize=32)
+def _record_with_fields(record: type[RecordBase], schema_json: str) -> type[RecordBase]:
+    from schemas.fields_schema import fields_model
+
+    schema = json.loads(schema_json)
+    model = pydantic.create_model(
+        record.__name__,
+        __base__=record,
+        __doc__=record.__doc__,
+        fields=(fields_model(schema) | None, None),
+        fields_valid=(bool | None, None),
+    )
+    model.fields_json_schema = schema
+    return model
+
+
+def record_with_fields(record: type[RecordBase], schema: dict[str, Any] | None) -> type[RecordBase]:
+    """`record` with a `fields` column typed from a job's JSON schema (and `fields_valid`); as is if None."""
+    if schema is None:
+        return record
+    return _record_with_fields(record, json.dumps(schema))
+
+
+def fields_type(record: type[BaseModel]) -> type[BaseModel] | None:
+    """The pydantic model of a record's `fields` column, or None if it has none."""
+    info = record.model_fields.get("fields")
+    if info is None:
+        return None
+    args = [a for a in typing.get_args(info.annotation) if a is not type(None)]
+    return args[0] if args else info.annotation
 
 
 def records_to_table(records: list[BaseModel], model: type[BaseModel]) -> pa.Table:

@@ -238,13 +238,6 @@ def test_round_trip_through_parquet_and_pandas(tmp_path, model, records):
     assert records_from_rows(read.to_pylist(), model) == records
 
 
-def test_caption_fields_parse():
-    fields = CaptionFields.parse('Sure:\n```json\n{"summary": "s", "actions": ["run"]}\n```')
-    assert fields == CaptionFields(summary="s", actions=["run"])
-    assert CaptionFields.parse("no json here") is None
-    assert CaptionFields.parse('{"summary": "s", "mood": "x"}') is None  # unknown keys do not validate
-
-
 def test_video_defaults_match_the_processor():
     from model import pixels
     from schemas.jobs import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, VIDEO_TOTAL_PIXELS

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from model.config import read_eos_token_ids
-from model.engine.attention import backend_problem, kernel_problem, pick_backend
+from model.engine.attention import pick_backend
 from model.engine.attention.flash import BLOCK_SIZE as FLASH_BLOCK_SIZE
 from model.engine.block_manager import BlockManager, blocks_needed
+from model.engine.grammar import Grammars, advance
 from model.engine.kv_cache import CacheShape, num_kv_blocks
 from model.engine.model_runner import ModelRunner
 from model.engine.request import Request, RequestOutput
@@ -76,6 +77,8 @@ class EngineStats:
     decode_only_steps: int = 0  # steps with no prefill token, and their wall time
     decode_only_seconds: float = 0.0
     graph_steps: int = 0  # decode-only steps run as CUDA graphs (or their static-buffer stand-in)
+    mask_seconds: float = 0.0  # filling constrained rows' token masks (beside the model's run)
+    mask_wait_seconds: float = 0.0  # steps waiting for those masks after the model had run
     wall_seconds: float = 0.0
 
 
@@ -96,7 +99,7 @@ class Engine:
         self.device = model.device
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         self.eos_token_ids = set(eos_token_ids or [self.model_config.eos_token_id])
-        backend = self._pick_backend()
+        backend = pick_backend(self.device, self.model.dtype, config.attention_backend)
         block_size = config.block_size or (FLASH_BLOCK_SIZE if backend == "flash" else 16)
         if backend == "flash" and block_size % FLASH_BLOCK_SIZE:
             raise ValueError(
@@ -118,6 +121,7 @@ class Engine:
         self._next_id = 0
         self._live: dict[int, Sequence] = {}  # request id -> its sequence, until it finishes
         self._refused: list[RequestOutput] = []  # outputs of refused requests, for the next step()
+        self._grammars: Grammars | None = None  # built at the first request with a JSON schema
 
     @classmethod
     def from_pretrained(
@@ -136,22 +140,6 @@ class Engine:
             Tokenizer.from_file(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else None
         )
         return cls(model, config, tokenizer, read_eos_token_ids(path))
-
-    def _pick_backend(self) -> str:
-        dtype, wanted = self.model.dtype, self.config.attention_backend
-        if wanted is not None:
-            problem = backend_problem(wanted, self.device, dtype)
-            if problem:
-                raise ValueError(f"EngineConfig.attention_backend={wanted!r}: {problem}")
-            return wanted
-        backend = pick_backend(self.device, dtype)
-        if backend == "triton":
-            problem = kernel_problem(self.device, dtype)
-            if problem:
-                message = f"the Triton decode kernel failed its check ({problem}); using SDPA"
-                warnings.warn(message, stacklevel=2)
-                return "sdpa"
-        return backend
 
     def _num_blocks(self, block_size: int) -> int:
         cfg = self.config
@@ -178,6 +166,8 @@ class Engine:
             seq = Sequence.from_request(
                 rid, request, self.model_config, self.max_model_len, self.blocks, self.tokenizer is not None
             )
+            if request.sampling.json_schema is not None:
+                seq.matcher = self.grammars().matcher(request.sampling.json_schema)
         except ValueError as e:
             self._refused.append(RequestOutput.failed(rid, request, str(e)))
             return rid
@@ -185,6 +175,15 @@ class Engine:
         self._live[rid] = seq
         self.scheduler.add(seq)
         return rid
+
+    def grammars(self) -> Grammars:
+        """The engine's constrained decoding; it needs the tokenizer.json the engine was given."""
+        if self._grammars is None:
+            backend = getattr(self.tokenizer, "backend", None)
+            if backend is None:
+                raise ValueError("a JSON schema needs a tokenizer.json: use Engine.from_pretrained")
+            self._grammars = Grammars(backend.to_str(), self.model_config.vocab_size, self.eos_token_ids)
+        return self._grammars
 
     @property
     def has_unfinished(self) -> bool:
@@ -219,6 +218,8 @@ class Engine:
         self.stats = EngineStats()
         vision_before = self.runner.vision_seconds, self.runner.vision_patches
         graph_steps_before = self.runner.decode_graphs.steps if self.runner.decode_graphs else 0
+        if self._grammars is not None:
+            self._grammars.fill_seconds = self._grammars.wait_seconds = 0.0
         position = {self.add_request(req): i for i, req in enumerate(requests)}
         outputs: list[RequestOutput | None] = [None] * len(requests)
         idle_steps = 0
@@ -243,6 +244,8 @@ class Engine:
         self.stats.vision_patches = self.runner.vision_patches - vision_before[1]
         if self.runner.decode_graphs:
             self.stats.graph_steps = self.runner.decode_graphs.steps - graph_steps_before
+        if self._grammars is not None:
+            self.stats.mask_seconds, self.stats.mask_wait_seconds = self._grammars.seconds()
         return outputs
 
     def abort_all(self) -> None:
@@ -273,7 +276,13 @@ class Engine:
         return finished
 
     def _run(self, batch: ScheduledBatch) -> list[Sequence]:
+        masks = None
+        if self._grammars is not None:  # masks of the rows due a token fill while the model runs
+            due = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed + n == s.num_tokens]
+            masks = self._grammars.start_masks([s.matcher for s in due])
         to_sample, logits = self.runner.run(batch)
+        if masks is not None:
+            self._grammars.apply(logits, masks)
         self.stats.steps += 1
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed += n
@@ -302,6 +311,11 @@ class Engine:
         seq.token_ids.append(token)
         sp = seq.request.sampling
         reason, text = None, None
+        if seq.matcher is not None:
+            reason, error = advance(seq.matcher, token)
+            if reason == "error":
+                self.scheduler.finish(seq, "error", error)
+                return True
         if token in sp.stop_token_ids or (not sp.ignore_eos and token in self.eos_token_ids):
             reason = "stop"
         elif sp.stop:

@@ -22,6 +22,7 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past the model's end-of-sequence token
     seed: int | None = None  # same seed, same tokens, whatever else shares the batch
     logprobs: int = 0  # top-n log-probabilities to return for each generated token
+    json_schema: dict | str | None = None  # the output must be one JSON value of this schema (constrained)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

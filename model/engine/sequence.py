@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import Enum, auto
+from typing import Any
 
 import torch
 
@@ -68,6 +69,7 @@ class Sequence:
     text: str = ""
     logprobs: list[dict[int, float]] = field(default_factory=list)
     num_preemptions: int = 0
+    matcher: Any = None  # the llguidance matcher of a request decoding under a JSON schema
     timings: Timings = field(default_factory=lambda: Timings(arrival=time.perf_counter()))
 
     @classmethod

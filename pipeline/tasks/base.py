@@ -6,6 +6,8 @@ from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 from schemas import JobBase, RecordBase
+from schemas.fields_schema import closed_schema
+from schemas.records import fields_type, record_with_fields
 
 
 class Task:
@@ -35,4 +37,33 @@ class Task:
 
     def finish(self, row: dict[str, Any], job: Any) -> dict[str, Any]:
         """A result row made final (parsed fields, flags) before it is written."""
+        return row
+
+    def fields_schema(self, job: Any) -> dict[str, Any] | None:
+        """The user's JSON schema of the `fields` column, if the job gives one."""
+        return None
+
+    def json_schema(self, job: Any) -> dict[str, Any] | None:
+        """The JSON schema generation is constrained to, if any (the user's, or a built-in one)."""
+        schema = self.fields_schema(job)
+        return closed_schema(schema) if schema is not None else None
+
+    def output_record(self, job: Any) -> type[RecordBase]:
+        """The record type of `job`'s rows: the kind's, with `fields` typed from the job's schema if any."""
+        return record_with_fields(self.record, self.fields_schema(job))
+
+    def parse_fields(self, row: dict[str, Any], job: Any) -> dict[str, Any]:
+        """`fields` and `fields_valid` of an ok row generated under a JSON schema; a row cut at
+        max_new_tokens is not valid, whatever its text."""
+        model = fields_type(self.output_record(job))
+        if row["status"] != "ok" or model is None:
+            return row
+        fields = None
+        if row.get("finish_reason") != "length":
+            try:
+                fields = model.model_validate_json(row.get("text") or "")
+            except ValueError:
+                fields = None
+        row["fields"] = fields.model_dump(by_alias=True) if fields is not None else None
+        row["fields_valid"] = fields is not None
         return row

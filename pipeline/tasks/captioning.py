@@ -8,6 +8,7 @@ from typing import Any
 
 from pipeline.tasks.base import Task
 from schemas import CaptionFields, CaptionRecord, CaptionVideosJob
+from schemas.fields_schema import closed_schema
 
 
 class Captioning(Task):
@@ -40,11 +41,16 @@ class Captioning(Task):
             seen = 1 if window.end_frame - window.start_frame == 1 else frames  # a still is one frame
             yield [frames, window.height, window.width, 3], seen
 
+    def fields_schema(self, job: CaptionVideosJob) -> dict[str, Any] | None:
+        return job.caption_schema
+
+    def json_schema(self, job: CaptionVideosJob) -> dict[str, Any] | None:
+        if job.caption_format != "json":
+            return None
+        return closed_schema(job.caption_schema or CaptionFields.model_json_schema())
+
     def finish(self, row: dict[str, Any], job: CaptionVideosJob) -> dict[str, Any]:
-        """Structured captions: parsed fields and whether they validated; plain ones are left as written."""
-        if job.caption_format != "json" or row["status"] != "ok":
+        """Structured captions: their typed fields and whether they are valid; plain ones as written."""
+        if job.caption_format != "json":
             return row
-        fields = CaptionFields.parse(row.get("text") or "")
-        row["fields"] = fields.model_dump() if fields is not None else None
-        row["fields_valid"] = fields is not None
-        return row
+        return self.parse_fields(row, job)

@@ -47,4 +47,7 @@ class Ocr(Task):
         row["used_text_layer"] = bool(text_missing and row["has_text_layer"])
         if not job.keep_text_layer:
             row["text_layer"] = None
-        return row
+        return self.parse_fields(row, job)
+
+    def fields_schema(self, job: OcrDocumentsJob) -> dict[str, Any] | None:
+        return job.page_schema

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from model.engine.attention.flash import FlashAttention
@@ -24,12 +26,24 @@ def backend_problem(name: str, device: torch.device, dtype: torch.dtype) -> str 
     return BACKENDS[name].problem(device, dtype)
 
 
-def pick_backend(device: torch.device, dtype: torch.dtype) -> str:
-    """flash-attn where it can run (CUDA, half precision, package installed), else the Triton decode kernel
-    on CUDA, SDPA everywhere else."""
+def pick_backend(device: torch.device, dtype: torch.dtype, wanted: str | None = None) -> str:
+    """`wanted` if it can run here (else a ValueError says why); by default flash-attn where it can run (CUDA,
+    half precision, package installed), else the Triton decode kernel on CUDA once it passes its check
+    against a reference, SDPA everywhere else."""
+    if wanted is not None:
+        problem = backend_problem(wanted, device, dtype)
+        if problem:
+            raise ValueError(f"EngineConfig.attention_backend={wanted!r}: {problem}")
+        return wanted
     if device.type != "cuda":
         return "sdpa"
-    return next(name for name in ("flash", "triton", "sdpa") if backend_problem(name, device, dtype) is None)
+    backend = next(n for n in ("flash", "triton", "sdpa") if backend_problem(n, device, dtype) is None)
+    if backend == "triton":
+        problem = kernel_problem(device, dtype)
+        if problem:
+            warnings.warn(f"the Triton decode kernel failed its check ({problem}); using SDPA", stacklevel=3)
+            return "sdpa"
+    return backend
 
 
 __all__ = [
