@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.engine import MID_SIZE, make_workload  # noqa: E402
+from bench.figures import report  # noqa: E402
 from model import Engine, EngineConfig, Processor, Request, SamplingParams  # noqa: E402
 from model.testing import make_tiny_checkpoint  # noqa: E402
 
@@ -102,16 +103,14 @@ def main() -> int:
         "constrained_wall_s": round(constrained["wall_s"], 2),
         "constrained_over_plain": round(constrained["wall_s"] / plain["wall_s"], 3),
     }
-    print(
+    summary = (
         f"{args.requests} requests under a caption schema: {valid} valid and stopped, {c_tokens} tokens in "
         f"{figures['steps']} steps; masks {figures['mask_ms_per_step']} ms per step of "
         f"{figures['step_ms']} ms = {figures['mask_over_step']:.3f} of the step (beside the model), "
         f"waited on {figures['mask_wait_over_wall']:.3f} of the time; constrained run "
         f"{figures['constrained_over_plain']:.3f}x the plain run's time for the same tokens"
     )
-    print(json.dumps(figures))
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
+    report(summary, figures, args.json)
     return 0
 
 

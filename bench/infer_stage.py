@@ -27,6 +27,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.engine import MID_SIZE  # noqa: E402
+from bench.figures import report  # noqa: E402
 from model.testing import make_tiny_checkpoint  # noqa: E402
 
 
@@ -134,15 +135,13 @@ def main() -> int:
         "job_output_tok_s": round(job_tokens / job_long, 1),
         "output_ratio": round((job_tokens / job_long) / (eng_tokens / eng_long), 3),
     }
-    print(
+    summary = (
         f"{args.pages} pages, {n} new tokens, {args.device}: decode {job_decode:.1f} tok/s in the job vs "
         f"{eng_decode:.1f} engine alone = {figures['decode_ratio']:.2f}x (goal >= 0.9); whole job "
         f"{figures['job_output_tok_s']} output tok/s vs {figures['engine_output_tok_s']} = "
         f"{figures['output_ratio']:.2f}x"
     )
-    print(json.dumps(figures))
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
+    report(summary, figures, args.json)
     return 0
 
 
