@@ -25,7 +25,7 @@ from pipeline.rows import UNIT_ORDINAL, error_fields
 from pipeline.sources import Item, expand_inputs
 from pipeline.storage import OutputDir
 from pipeline.tasks import task_of
-from pipeline.writer import DatasetWriter, drop_items, remove_partial_files, scan_output
+from pipeline.writer import DatasetWriter, check_same_fields, drop_items, remove_partial_files, scan_output
 from schemas import JobBase, arrow_schema
 
 
@@ -107,6 +107,7 @@ def run_job(
     with OutputLock(out_dir):
         remove_partial_files(out_dir)
         state = scan_output(out_dir, uri_key="uri")
+        check_same_fields(state, arrow_schema(task.output_record(job)))
         todo = [it for it in items if it.item_id not in state.ok_items]
         # Items with error rows are redone; so are older versions of a file that changed since.
         wanted = {it.uri: it.item_id for it in todo}

@@ -65,6 +65,7 @@ class OutputState:
     ok_items: set[str] = field(default_factory=set)
     error_items: set[str] = field(default_factory=set)
     item_ids_by_uri: dict[str, set[str]] = field(default_factory=dict)
+    schema: pa.Schema | None = None  # of one committed file, if any
 
     @property
     def items(self) -> set[str]:
@@ -86,6 +87,8 @@ def scan_output(
             raise ValueError(
                 f"{out.uri(name)}: committed output file is unreadable ({e}); move it away, rerun"
             ) from e
+        if state.schema is None:
+            state.schema = pq.read_schema(f"{out.path}/{name}", filesystem=out.fs)
         ids = table.column(item_key).to_pylist()
         state.files[name] = set(ids)
         uris, status_col = table.column(uri_key).to_pylist(), table.column("status").to_pylist()
@@ -95,6 +98,19 @@ def scan_output(
     for item_id, ok in statuses.items():
         (state.ok_items if ok else state.error_items).add(item_id)
     return state
+
+
+def check_same_fields(state: OutputState, schema: pa.Schema) -> None:
+    """Refuse to add rows whose `fields` struct differs from the committed rows' (a changed caption_schema or
+    page_schema): one dataset must read back with one type."""
+    if state.schema is None:
+        return
+    old, new = (s.field("fields").type if "fields" in s.names else None for s in (state.schema, schema))
+    if old != new:
+        raise ValueError(
+            f"{state.out}: its rows have `fields` of type {old} but this job writes {new} (caption_schema or "
+            "page_schema changed); write to a new output, or move the old one away"
+        )
 
 
 def drop_items(state: OutputState, item_ids: set[str], item_key: str = "item_id") -> int:

@@ -220,3 +220,16 @@ def test_caption_schema_with_text_format_is_refused(pipeline_corpus):
         validate_job(
             {**pipeline_corpus["caption"], "caption_schema": CAPTION_SCHEMA, "caption_format": "text"}
         )
+
+
+def test_another_schema_into_the_same_output_is_refused(tmp_path, pipeline_corpus, ray_local):
+    from pipeline.driver import run_job
+    from schemas import validate_job
+
+    spec = {**pipeline_corpus["ocr"], "output": str(tmp_path / "out"), "sampling": {"max_new_tokens": 64}}
+    run_job(validate_job({**spec, "page_schema": FRONT_MATTER}), progress=False)
+    changed = {**FRONT_MATTER, "properties": {**FRONT_MATTER["properties"], "is_table": {"type": "string"}}}
+    with pytest.raises(ValueError, match="write to a new output"):
+        run_job(validate_job({**spec, "page_schema": changed}), progress=False)
+    again = run_job(validate_job({**spec, "page_schema": FRONT_MATTER}), progress=False)
+    assert again.items_processed == 0  # the same schema resumes as before
