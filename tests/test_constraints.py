@@ -226,7 +226,9 @@ def test_another_schema_into_the_same_output_is_refused(tmp_path, pipeline_corpu
     from pipeline.driver import run_job
     from schemas import validate_job
 
-    spec = {**pipeline_corpus["ocr"], "output": str(tmp_path / "out"), "sampling": {"max_new_tokens": 64}}
+    one_page = str(pipeline_corpus["root"] / "docs" / "h.jpg")
+    spec = {**pipeline_corpus["ocr"], "inputs": [one_page], "output": str(tmp_path / "out")}
+    spec["sampling"] = {"max_new_tokens": 64}
     run_job(validate_job({**spec, "page_schema": FRONT_MATTER}), progress=False)
     changed = {**FRONT_MATTER, "properties": {**FRONT_MATTER["properties"], "is_table": {"type": "string"}}}
     with pytest.raises(ValueError, match="write to a new output"):
