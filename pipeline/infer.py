@@ -27,6 +27,7 @@ import queue
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,11 +168,14 @@ class EngineFeeder:
     every future it holds, and later submissions fail at once."""
 
     def __init__(
-        self, backend: Backend, sampling: Sampling, max_waiting_bytes: int, json_schema: dict | None = None
+        self,
+        make_backend: Callable[[], Backend],
+        sampling: Sampling,
+        max_waiting_bytes: int | None = None,
+        json_schema: dict | None = None,
+        torch_threads: int | None = None,
     ):
-        self.backend, self.engine, self.sampling = backend, backend.engine, sampling
-        self.json_schema = json_schema
-        self.max_waiting_bytes = max_waiting_bytes
+        self.sampling, self.json_schema = sampling, json_schema
         self.inbox: queue.Queue = queue.Queue()
         self.futures: dict[int, concurrent.futures.Future] = {}  # request id -> its unit's future
         self.units: dict[int, UnitPrompt] = {}  # request id -> its unit, until it finishes
@@ -179,8 +183,15 @@ class EngineFeeder:
         self.busy_s = 0.0  # seconds in engine steps not yet claimed by a finished pack
         self.broken: str | None = None  # why the thread stopped, if it did
         self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self._run, name="engine-feeder", daemon=True)
+        ready: concurrent.futures.Future = concurrent.futures.Future()
+        self.thread = threading.Thread(
+            target=self._run,
+            args=(make_backend, torch_threads, max_waiting_bytes, ready),
+            name="engine-feeder",
+            daemon=True,
+        )
         self.thread.start()
+        ready.result()  # a checkpoint that cannot load fails the worker here
 
     def submit(self, unit: UnitPrompt) -> concurrent.futures.Future:
         """A future of the unit's Generation."""
@@ -216,7 +227,22 @@ class EngineFeeder:
         pixels = (t for t in (request.pixel_values, request.pixel_values_videos) if t is not None)
         self.waiting_bytes[rid] = sum(t.numel() * t.element_size() for t in pixels)
 
-    def _run(self) -> None:
+    def _run(self, make_backend, threads: int | None, waiting: int | None, ready: concurrent.futures.Future):
+        # The checkpoint loads on this thread too: torch's CPU kernels then run OpenMP teams of one thread
+        # only. A second thread's team (the loader's) puts more OpenMP threads than cores in the process,
+        # and libgomp then lets waiting threads spin only briefly before they sleep, so every parallel
+        # kernel of a decode step pays a futex wake-up (measured in the README, "The GPU stage").
+        try:
+            if threads is not None:
+                torch.set_num_threads(threads)
+            self.torch_threads = torch.get_num_threads()
+            self.backend: Backend = make_backend()
+            self.engine = self.backend.engine
+            self.max_waiting_bytes = self.backend.waiting_room_bytes(waiting)
+            ready.set_result(None)
+        except BaseException as e:
+            ready.set_exception(e)
+            return
         try:
             self._loop()
         except BaseException as e:
@@ -312,17 +338,18 @@ class Infer:
         cpu_threads: float | None = None,
         json_schema: dict | None = None,
     ):
-        threads = torch_threads(cpu_threads)
-        if threads is not None and pick_device(device) == "cpu":
-            # Ray sets OMP_NUM_THREADS to the actor's CPUs rounded down (1 for a fraction): compute with the
-            # CPUs this worker was given instead.
-            torch.set_num_threads(threads)
-        self.backend = Backend(
-            model_path, dtype, device, max_step_tokens, gpu_share, max_model_len, max_num_seqs
-        )
+        threads = torch_threads(cpu_threads) if pick_device(device) == "cpu" else None
+        # Ray sets OMP_NUM_THREADS to the actor's CPUs rounded down (1 for a fraction): a CPU worker computes
+        # with the CPUs it was given instead, on the feeder's thread, where all of its torch work runs.
         self.sampling = Sampling.model_validate(sampling)
-        waiting_room = self.backend.waiting_room_bytes(max_waiting_bytes)
-        self.feeder = EngineFeeder(self.backend, self.sampling, waiting_room, json_schema)
+        args = (model_path, dtype, device, max_step_tokens, gpu_share, max_model_len, max_num_seqs)
+        self.feeder = EngineFeeder(
+            lambda: Backend(*args),
+            self.sampling,
+            max_waiting_bytes,
+            json_schema,
+            threads,
+        )
         self.schema = result_schema(record)
         self.faults = faults or InferFaults()
         self.lock = threading.Lock()

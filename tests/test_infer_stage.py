@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pytest
-import torch
 
 from pipeline.chain import infer_cpus
 from pipeline.decode.stage import DecodeUnits, make_decoder
@@ -88,9 +88,41 @@ def test_a_cpu_worker_computes_with_the_cpus_it_was_given(page_packs, ray_local)
     @ray.remote(num_cpus=cpus)
     def threads_in_an_infer_worker() -> tuple[int, str | None]:
         sampling = job.sampling.model_dump()
-        Infer(job.model, PageRecord, sampling, dtype="float32", device="cpu", cpu_threads=cpus)
-        return torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+        infer = Infer(job.model, PageRecord, sampling, dtype="float32", device="cpu", cpu_threads=cpus)
+        return infer.feeder.torch_threads, os.environ.get("OMP_NUM_THREADS")
 
     threads, omp = ray.get(threads_in_an_infer_worker.remote())
     assert threads == min(math.ceil(cpus), os.cpu_count())
     assert omp is not None  # Ray did pin the worker's threads; the stage set them from its CPUs
+
+
+def test_all_torch_work_of_a_worker_runs_on_its_engine_thread(page_packs, monkeypatch):
+    """Loading, pixel preparation and steps share one thread: a second thread's OpenMP team would make
+    every CPU kernel of a step sleep and wake (see EngineFeeder._run)."""
+    import pipeline.infer as infer_module
+
+    job, packs = page_packs
+    seen: dict[str, set[str]] = {"load": set(), "request": set(), "step": set()}
+
+    class Recorded(infer_module.Backend):
+        def __init__(self, *args, **kwargs):
+            seen["load"].add(threading.current_thread().name)
+            super().__init__(*args, **kwargs)
+
+        def request(self, *args, **kwargs):
+            seen["request"].add(threading.current_thread().name)
+            return super().request(*args, **kwargs)
+
+    monkeypatch.setattr(infer_module, "Backend", Recorded)
+    infer = Infer(job.model, PageRecord, job.sampling.model_dump(), dtype="float32", device="cpu")
+    step = infer.feeder.engine.step
+
+    def recorded_step():
+        seen["step"].add(threading.current_thread().name)
+        return step()
+
+    infer.feeder.engine.step = recorded_step
+    with ThreadPoolExecutor(2) as pool:  # calls from other threads, as Ray makes them
+        tables = list(pool.map(infer, packs[:2]))
+    assert all(t.column("status").to_pylist() == ["ok"] for t in tables)
+    assert seen == {"load": {"engine-feeder"}, "request": {"engine-feeder"}, "step": {"engine-feeder"}}
