@@ -228,8 +228,8 @@ class EngineFeeder:
         self.waiting_bytes[rid] = sum(t.numel() * t.element_size() for t in pixels)
 
     def _run(self, make_backend, threads: int | None, waiting: int | None, ready: concurrent.futures.Future):
-        # The checkpoint loads on this thread too: torch's CPU kernels then run OpenMP teams of one thread
-        # only. A second thread's team (the loader's) puts more OpenMP threads than cores in the process,
+        # The checkpoint loads on this thread too, so the process has one OpenMP team: this thread's. A
+        # second thread's team (the loader's) puts more OpenMP threads than cores in the process,
         # and libgomp then lets waiting threads spin only briefly before they sleep, so every parallel
         # kernel of a decode step pays a futex wake-up (measured in the README, "The GPU stage").
         try:
