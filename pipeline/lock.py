@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from pipeline.storage import OutputDir
+from pipeline.storage import ConditionalWritesUnsupported, OutputDir, PreconditionFailed
 
 LOCK_NAME = "_vlbatch.lock"
 LOCK_SETTLE_S = 1.0  # object-store lock: wait between writing it and reading it back
@@ -22,12 +22,15 @@ LOCK_STALE_S = 300.0  # an object-store lock not rewritten for this long belongs
 class OutputLock:
     """One run at a time per output; a lock left by a killed process on this host is taken over.
 
-    Local: a file created with O_EXCL. Object store: pyarrow cannot make a conditional put, so the lock is an
-    object written after checking that none is held, then read back after `LOCK_SETTLE_S`: of two runs that
-    raced, only the one whose token is there goes on. The holder rewrites it every `LOCK_HEARTBEAT_S`; a
-    lock not rewritten for `LOCK_STALE_S` (its run died on another machine) is taken over, and a run that
-    finds its lock taken stops before its next commit. The window left is two runs starting within a few
-    milliseconds of each other, each reading no lock; a store with conditional writes would close it.
+    Local: a file created with O_EXCL. s3://: an object created with `If-None-Match: *`, so of two runs
+    that race only one creates it, on any machine. The holder rewrites it every `LOCK_HEARTBEAT_S` with
+    `If-Match` on the ETag it last wrote, so a rewrite never undoes another run's takeover; a lock not
+    rewritten for `LOCK_STALE_S` (its run died on another machine) is taken over with `If-Match` on the
+    ETag it was seen with, so of two runs taking over one dead lock, one wins. A run that finds its lock
+    taken stops before its next commit. Where the store takes no conditional writes (gs://, or an S3
+    store that answers 501), the lock is written after checking that none is held; on every store it is
+    read back after `LOCK_SETTLE_S`, and only the run whose token is there goes on (a store that ignored
+    the condition is caught there; without conditions, two runs starting within milliseconds could pass).
     """
 
     def __init__(self, out_dir: str | Path | OutputDir):
@@ -37,6 +40,7 @@ class OutputLock:
         self.lost: dict | None = None  # the run that took this lock over, if one did
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
+        self._etag: str | None = None  # of the lock object this run last wrote, where writes are conditional
 
     def __enter__(self) -> OutputLock:
         if not self.out.local:
@@ -65,6 +69,18 @@ class OutputLock:
         self._stop.set()
         if self._beat is not None:
             self._beat.join()
+        # Look first even with a conditional delete: a store that ignores `If-Match` on DELETE would
+        # otherwise remove the lock of a run that took this one over.
+        seen = self.out.read_versioned(LOCK_NAME) if self.out.prefix == "s3://" else None
+        if seen is not None:
+            holder, etag = _parse(seen[0]), seen[1]
+            if holder is None or holder.get("token") != self.token:
+                return
+            try:
+                self.out.delete(LOCK_NAME, if_etag=etag if self.out.conditional else None)
+            except PreconditionFailed:
+                pass  # replaced between the look and the delete: not ours any more
+            return
         holder = self._holder()
         if holder is not None and holder.get("token") == self.token:
             self.out.delete(LOCK_NAME)
@@ -89,11 +105,16 @@ class OutputLock:
 
     def _enter_remote(self) -> OutputLock:
         self.out.check()
-        holder = self._holder()
-        if holder is not None and not self._is_dead(holder) and not self._is_stale(holder):
-            raise self._busy(holder)
-        self.out.write_bytes(LOCK_NAME, self._me())
-        time.sleep(LOCK_SETTLE_S)  # a run that raced us has written its own lock by now
+        try:
+            self._etag = self._create_or_take_over() if self.out.conditional else None
+        except ConditionalWritesUnsupported:
+            self._etag = None
+        if self._etag is None:
+            holder = self._holder()
+            if holder is not None and not self._is_dead(holder) and not self._is_stale(holder):
+                raise self._busy(holder)
+            self.out.write_bytes(LOCK_NAME, self._me())
+        time.sleep(LOCK_SETTLE_S)  # without conditions, a run that raced us has written its own lock by now
         holder = self._holder()
         if holder is None or holder.get("token") != self.token:
             raise self._busy(holder or {"host": "?", "pid": "?"})
@@ -102,26 +123,69 @@ class OutputLock:
         self._beat.start()
         return self
 
+    def _create_or_take_over(self) -> str:
+        """Create the lock (`If-None-Match: *`), or replace a dead or stale one (`If-Match` on the ETag it
+        was read with); the new ETag. Raises the busy error if a live run holds it."""
+        for _ in range(3):
+            try:
+                return self.out.write_bytes(LOCK_NAME, self._me(), if_absent=True)
+            except PreconditionFailed:
+                pass
+            seen = self.out.read_versioned(LOCK_NAME)
+            if seen is None:
+                continue  # released between our two requests: create it again
+            holder, etag = _parse(seen[0]), seen[1]
+            if holder is not None and holder.get("token") == self.token:
+                return etag  # our own create, retried after its reply was lost
+            if holder is not None and not self._is_dead(holder) and not self._is_stale(holder):
+                raise self._busy(holder)
+            try:
+                return self.out.write_bytes(LOCK_NAME, self._me(), if_etag=etag)
+            except PreconditionFailed:
+                continue  # another run took it over first, or it was released: look again
+        raise self._busy(self._holder() or {"host": "?", "pid": "?"})
+
     def _heartbeat(self) -> None:
         while not self._stop.wait(LOCK_HEARTBEAT_S):
             try:
-                holder = self._holder()
-                if holder is not None and holder.get("token") != self.token:
-                    self.lost = _describe(holder)
-                    return
-                self.out.write_bytes(LOCK_NAME, self._me())
-            except (OSError, ValueError):
-                continue  # a store hiccup: the next beat tries again, well within LOCK_STALE_S
+                if self._etag is not None:
+                    self._beat_conditionally()
+                else:
+                    holder = self._holder()
+                    if holder is not None and holder.get("token") != self.token:
+                        self.lost = _describe(holder)
+                    else:
+                        self.out.write_bytes(LOCK_NAME, self._me())
+            except Exception:  # noqa: BLE001 - a store hiccup must not end the heartbeat
+                continue  # the next beat tries again, well within LOCK_STALE_S
+            if self.lost is not None:
+                return
+
+    def _beat_conditionally(self) -> None:
+        """Rewrite the lock only if it is still the version this run wrote; else see who has it."""
+        try:
+            self._etag = self.out.write_bytes(LOCK_NAME, self._me(), if_etag=self._etag)
+            return
+        except PreconditionFailed:
+            pass
+        seen = self.out.read_versioned(LOCK_NAME)
+        holder = _parse(seen[0]) if seen is not None else None
+        if holder is not None and holder.get("token") == self.token:
+            self._etag = seen[1]  # our own rewrite, retried after its reply was lost
+        elif holder is not None:
+            self.lost = _describe(holder)
+        else:  # deleted under us (by hand): recreate it, unless another run is quicker
+            try:
+                self._etag = self.out.write_bytes(LOCK_NAME, self._me(), if_absent=True)
+            except PreconditionFailed:
+                self.lost = _describe(self._holder() or {"host": "?", "pid": "?"})
 
     def _holder(self) -> dict | None:
         try:
             data = self.path.read_bytes() if self.out.local else self.out.read_bytes(LOCK_NAME)
         except OSError:
             return None
-        try:
-            return json.loads(data) if data is not None else None
-        except ValueError:
-            return None
+        return _parse(data) if data is not None else None
 
     @staticmethod
     def _is_stale(holder: dict) -> bool:
@@ -141,6 +205,14 @@ class OutputLock:
         except (PermissionError, KeyError, ValueError):
             return False
         return False
+
+
+def _parse(data: bytes) -> dict | None:
+    try:
+        holder = json.loads(data)
+    except ValueError:
+        return None
+    return holder if isinstance(holder, dict) else None
 
 
 def _describe(holder: dict) -> dict:

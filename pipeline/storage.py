@@ -5,7 +5,8 @@ unreachable endpoint.
 Settings travel as environment variables, the AWS SDKs' own (`AWS_ENDPOINT_URL`, `AWS_REGION`), so the
 decode workers, and the decode child processes they start, resolve a URI exactly as the driver does.
 Credentials are never read here: pyarrow's AWS SDK takes them from its standard chain (environment,
-~/.aws files, instance or pod role).
+~/.aws files, instance or pod role), and so does botocore, which makes the output's writes to s3:// because
+pyarrow cannot send a conditional write (`If-None-Match: *`, `If-Match: <ETag>`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ DENIED_CODES = (
     "SignatureDoesNotMatch",
     "HTTP response code 403",
 )
+NOT_SUPPORTED_CODES = ("NotImplemented", "501")  # a store that takes no conditional writes answers so
 TMP_PREFIX = "_tmp-"  # pyarrow.dataset and pandas ignore names starting with "_" or "."
 MAX_ATTEMPTS = 3  # per request, so an unreachable endpoint fails in seconds rather than retrying for minutes
 
@@ -81,6 +83,44 @@ def _s3(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
     if region:
         kwargs["region"] = region
     return pafs.S3FileSystem(**kwargs)
+
+
+class PreconditionFailed(Exception):
+    """A conditional write that lost: an object was there (`if_absent`) or it had changed (`if_etag`)."""
+
+
+class ConditionalWritesUnsupported(Exception):
+    """The store cannot make conditional writes (gs:// here, or an S3-compatible store that answers 501)."""
+
+
+_NO_CONDITIONS: set[tuple[str | None, str]] = set()  # (endpoint, bucket) found to refuse conditional writes
+
+
+@functools.lru_cache(maxsize=16)
+def _s3_client(endpoint: str | None, region: str | None, identity: tuple):
+    """botocore's S3 client with the same endpoint, region, timeouts and attempts as `_s3` (`identity`
+    keys the cache on which credentials the environment names, so a changed chain gets a new client)."""
+    import botocore.session
+    from botocore.config import Config
+
+    config = Config(
+        connect_timeout=CONNECT_TIMEOUT_S,
+        read_timeout=REQUEST_TIMEOUT_S,
+        retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
+        # Checksums only where S3 requires them: S3-compatible stores (MinIO, Ceph, R2) do not all take
+        # the newer default trailing checksums.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    session = botocore.session.get_session()
+    return session.create_client("s3", endpoint_url=endpoint, region_name=region, config=config)
+
+
+def s3_client():
+    """The botocore S3 client this process's environment resolves to (endpoint, region, credentials)."""
+    names = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE")
+    identity = tuple(os.environ.get(n) for n in names)
+    return _s3_client(_first_env(ENDPOINT_ENVS), _first_env(REGION_ENVS), identity)
 
 
 def filesystem_from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -202,6 +242,18 @@ class OutputDir:
     def local(self) -> bool:
         return not self.prefix
 
+    @property
+    def conditional(self) -> bool:
+        """Whether writes here can be conditional (`if_absent`, `if_etag`): s3:// unless the store said no."""
+        return (
+            self.prefix == "s3://"
+            and (_first_env(ENDPOINT_ENVS), self._bucket_key("")[0]) not in _NO_CONDITIONS
+        )
+
+    def _bucket_key(self, name: str) -> tuple[str, str]:
+        bucket, _, key = f"{self.path}/{name}".partition("/")
+        return bucket, key
+
     def uri(self, name: str = "") -> str:
         """The output (or one file of it) as the user writes it: a local path or an s3:// URI."""
         return self.prefix + (f"{self.path}/{name}" if name else self.path)
@@ -237,8 +289,14 @@ class OutputDir:
                 return None
             raise explain(e, self.uri(name), "output") from e
 
-    def write_bytes(self, name: str, data: bytes) -> None:
-        """Commit one file whole: a renamed, fsynced temporary file locally, one upload on an object store."""
+    def write_bytes(self, name: str, data: bytes, *, if_absent: bool = False, if_etag: str | None = None):
+        """Commit one file whole: a renamed, fsynced temporary file locally, one upload on an object store.
+
+        On s3:// returns the new object's ETag. `if_absent` / `if_etag` make the upload conditional (no
+        object there / still that version): PreconditionFailed if the condition does not hold,
+        ConditionalWritesUnsupported where the store cannot check it (`conditional` says so first)."""
+        if (if_absent or if_etag) and not self.conditional:
+            raise ConditionalWritesUnsupported(f"{self.uri(name)}: this store takes no conditional writes")
         if self.local:
             Path(self.path).mkdir(parents=True, exist_ok=True)
             tmp = Path(self.path) / f"{TMP_PREFIX}{name}-{os.getpid()}"
@@ -247,7 +305,12 @@ class OutputDir:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, Path(self.path) / name)
-            return
+            return None
+        if self.prefix == "s3://":
+            bucket, key = self._bucket_key(name)
+            conditions = {"IfNoneMatch": "*"} if if_absent else {"IfMatch": if_etag} if if_etag else {}
+            reply = self._s3_call("put_object", name, Bucket=bucket, Key=key, Body=data, **conditions)
+            return reply.get("ETag")
         try:
             # One write of the whole buffer, then close: the object appears at close, all of it.
             stream = self.fs.open_output_stream(f"{self.path}/{name}")
@@ -255,10 +318,25 @@ class OutputDir:
             stream.close()
         except OSError as e:
             raise explain(e, self.uri(name), "output") from e
+        return None
 
-    def delete(self, name: str) -> None:
+    def read_versioned(self, name: str) -> tuple[bytes, str] | None:
+        """One s3:// object and its ETag (what `if_etag` takes), None if it is not there."""
+        bucket, key = self._bucket_key(name)
+        reply = self._s3_call("get_object", name, missing_ok=True, Bucket=bucket, Key=key)
+        return None if reply is None else (reply["Body"].read(), reply["ETag"])
+
+    def delete(self, name: str, *, if_etag: str | None = None) -> None:
+        """Remove one file (gone already is fine); `if_etag`: only that version of it (s3://)."""
+        if if_etag and not self.conditional:
+            raise ConditionalWritesUnsupported(f"{self.uri(name)}: this store takes no conditional deletes")
         if self.local:
             (Path(self.path) / name).unlink(missing_ok=True)
+            return
+        if self.prefix == "s3://":
+            bucket, key = self._bucket_key(name)
+            condition = {"IfMatch": if_etag} if if_etag else {}
+            self._s3_call("delete_object", name, missing_ok=True, Bucket=bucket, Key=key, **condition)
             return
         try:
             self.fs.delete_file(f"{self.path}/{name}")
@@ -267,3 +345,29 @@ class OutputDir:
         except OSError as e:
             if self.fs.get_file_info(f"{self.path}/{name}").type != pafs.FileType.NotFound:
                 raise explain(e, self.uri(name), "output") from e
+
+    def _s3_call(self, operation: str, name: str, missing_ok: bool = False, **params):
+        """One botocore request, its failures turned into ours: PreconditionFailed (412),
+        ConditionalWritesUnsupported (501 to a conditional request), None for a missing object where
+        `missing_ok`, else `explain`'s ValueError naming the URI and the fix."""
+        import botocore.exceptions as bex
+
+        try:
+            return getattr(s3_client(), operation)(**params)
+        except bex.ClientError as e:
+            error = e.response.get("Error", {})
+            code = str(error.get("Code", ""))
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status == 412 or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise PreconditionFailed(f"{self.uri(name)}: {code or status}") from e
+            conditional = any(k in params for k in ("IfMatch", "IfNoneMatch"))
+            if conditional and (status == 501 or code in NOT_SUPPORTED_CODES):
+                _NO_CONDITIONS.add((_first_env(ENDPOINT_ENVS), params["Bucket"]))
+                raise ConditionalWritesUnsupported(f"{self.uri(name)}: {code or status}") from e
+            if missing_ok and (status == 404 or code in ("NoSuchKey", "404")):
+                return None
+            raise explain(OSError(f"{code}: {error.get('Message', e)}"), self.uri(name), "output") from e
+        except bex.NoCredentialsError as e:
+            raise explain(OSError(f"AccessDenied: {e}"), self.uri(name), "output") from e
+        except (bex.EndpointConnectionError, bex.ConnectTimeoutError, bex.ReadTimeoutError) as e:
+            raise explain(OSError(f"Could not connect: {e}"), self.uri(name), "output") from e

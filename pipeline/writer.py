@@ -14,8 +14,9 @@ Commit, object store (no rename there): each file is built whole in memory and u
 name in one upload; S3 and GCS make an object visible only when its upload completes (a single PUT or a
 completed multipart upload), so a killed upload leaves no object at all, never half of one (an unfinished
 multipart upload is invisible; a bucket lifecycle rule reclaims its parts). A file is replaced the same
-way (a PUT over a key swaps it whole). Resume is by listing the prefix. pyarrow cannot send conditional
-writes (`If-None-Match`), so the lock is a best-effort one, see `OutputLock`.
+way (a PUT over a key swaps it whole). Resume is by listing the prefix. On s3:// a new file is uploaded with
+`If-None-Match: *`, so it never replaces an object of the same name, and the lock is a conditional put too
+(see `OutputLock`); stores without conditional writes (gs://) get plain uploads and a best-effort lock.
 
 On resume, items whose rows are all `ok` are skipped; rows of items to redo are removed from their files
 first (each file rewritten atomically), so a row is never present twice.
@@ -36,7 +37,7 @@ import pyarrow.parquet as pq
 
 from pipeline.lock import check_lock
 from pipeline.rows import UNITS_TOTAL
-from pipeline.storage import TMP_PREFIX, OutputDir
+from pipeline.storage import TMP_PREFIX, ConditionalWritesUnsupported, OutputDir, PreconditionFailed
 
 PART_PREFIX = "part-"
 MANIFEST_NAME = "_manifest.json"
@@ -232,13 +233,32 @@ class DatasetWriter:
         digest = hashlib.sha1("\n".join(sorted(self.ready_items)).encode()).hexdigest()[:24]
         name = f"{PART_PREFIX}{digest}.parquet"
         table = pa.Table.from_pylist(self.ready, schema=self.schema)
-        self.out.write_bytes(name, parquet_bytes(table))
+        commit_new_file(self.out, name, parquet_bytes(table))
         self.committed_files.append(name)
         self.committed_rows += table.num_rows
         self.committed_items += len(self.ready_items)
         self.ready, self.ready_items = [], []
         self.last_flush = time.monotonic()
         return self.out.uri(name)
+
+
+def commit_new_file(out: OutputDir, name: str, data: bytes) -> None:
+    """Upload a new part file; where the store takes conditional writes, only if no object has its name
+    (`If-None-Match: *`), so a run that lost its lock can never replace another run's file."""
+    if not out.conditional:
+        out.write_bytes(name, data)
+        return
+    try:
+        out.write_bytes(name, data, if_absent=True)
+    except ConditionalWritesUnsupported:
+        out.write_bytes(name, data)
+    except PreconditionFailed:
+        there = out.read_bytes(name)
+        if there != data:  # the same bytes: our own upload, retried after its reply was lost
+            raise ValueError(
+                f"{out.uri(name)}: another run committed this file while this one was writing; this run "
+                "stops. Check that only one job writes to this output, then rerun to finish it"
+            ) from None
 
 
 def write_json_atomic(path: str | Path, data: dict) -> None:

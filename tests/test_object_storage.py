@@ -16,9 +16,10 @@ import pytest
 from test_cluster import ray_head  # noqa: F401 (the fixture: a local Ray head for the cluster test)
 
 from pipeline import lock as lock_mod
+from pipeline import storage
 from pipeline.lock import LOCK_NAME, OutputLock
 from pipeline.sources import expand_inputs
-from pipeline.storage import OutputDir
+from pipeline.storage import ConditionalWritesUnsupported, OutputDir, PreconditionFailed
 from pipeline.writer import (
     MANIFEST_NAME,
     DatasetWriter,
@@ -130,6 +131,103 @@ def test_a_run_whose_lock_was_taken_over_stops_before_its_next_commit(s3, monkey
             write_json_atomic(f"{out}/{MANIFEST_NAME}", {"status": "failed"})
     assert part_files(out) == []
     assert json.loads(loc.read_bytes(LOCK_NAME))["token"] == "other"  # the other run's lock is left alone
+
+
+def test_the_lock_is_a_conditional_put_so_a_run_that_misses_a_live_lock_is_still_refused(s3, monkeypatch):
+    """Two runs that both look before either writes: without conditions both would see no lock. Here the
+    second run is made blind to the first one's lock, and the store's `If-None-Match: *` still refuses it,
+    leaving the first run's lock as it was."""
+    monkeypatch.setattr(lock_mod, "LOCK_SETTLE_S", 0.05)
+    out = s3.bucket(unique("out")) + "/race"
+    loc = OutputDir.of(out)
+    assert loc.conditional
+    with OutputLock(out) as first:
+        before = s3.keys(loc.path.split("/")[0])
+        blind = OutputLock(out)
+        monkeypatch.setattr(blind, "_holder", lambda: None)
+        with pytest.raises(ValueError, match=r"another vlbatch run .* is writing here"):
+            blind.__enter__()
+        assert json.loads(loc.read_bytes(LOCK_NAME))["token"] == first.token
+        assert s3.keys(loc.path.split("/")[0]) == before  # not even rewritten
+        assert first.lost is None
+
+
+def test_of_two_runs_taking_over_one_dead_lock_only_one_wins(s3, monkeypatch):
+    monkeypatch.setattr(lock_mod, "LOCK_SETTLE_S", 0.05)
+    out = s3.bucket(unique("out")) + "/takeover"
+    loc = OutputDir.of(out)
+    dead = {"host": "elsewhere", "pid": 1, "token": "dead", "heartbeat_at": 0}
+    loc.write_bytes(LOCK_NAME, json.dumps(dead).encode())
+    seen_by_both = loc.read_versioned(LOCK_NAME)
+    with OutputLock(out) as winner:
+        # The loser read the dead lock before the winner replaced it: its `If-Match` on that ETag fails,
+        # it looks again and finds the winner alive.
+        loser = OutputLock(out)
+        real = loser.out.read_versioned
+        views = iter([seen_by_both])
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(OutputDir, "read_versioned", lambda self, name: next(views, None) or real(name))
+            with pytest.raises(ValueError, match=r"another vlbatch run .* is writing here"):
+                loser.__enter__()
+        assert json.loads(loc.read_bytes(LOCK_NAME))["token"] == winner.token
+    assert loc.read_bytes(LOCK_NAME) is None  # the winner released it
+
+
+def test_a_new_part_file_never_replaces_an_object_of_its_name(s3):
+    out = s3.bucket(unique("out")) + "/parts"
+    loc = OutputDir.of(out)
+    etag = loc.write_bytes("x.bin", b"one", if_absent=True)
+    with pytest.raises(PreconditionFailed):
+        loc.write_bytes("x.bin", b"two", if_absent=True)
+    newer = loc.write_bytes("x.bin", b"two", if_etag=etag)
+    with pytest.raises(PreconditionFailed):
+        loc.write_bytes("x.bin", b"three", if_etag=etag)  # that version is gone
+    assert loc.read_versioned("x.bin") == (b"two", newer)
+    with pytest.raises(PreconditionFailed):
+        loc.delete("x.bin", if_etag=etag)  # an old version: the object stays
+    assert loc.read_bytes("x.bin") == b"two"
+    loc.delete("x.bin", if_etag=newer)
+    assert loc.read_bytes("x.bin") is None
+
+    first = DatasetWriter(out, SCHEMA)
+    first.add(rows("a", 2))
+    name = first.flush().rsplit("/", 1)[1]
+    again = DatasetWriter(out, SCHEMA)  # the same items, the same bytes: a retried upload is fine
+    again.add(rows("a", 2))
+    again.flush()
+    other = DatasetWriter(out, SCHEMA)  # the same name with other content: another writer's file
+    other.add(rows("a", 2, status="error"))
+    with pytest.raises(ValueError, match=rf"{name}: another run committed this file"):
+        other.flush()
+    assert set(pq.read_table(f"{loc.path}/{name}", filesystem=loc.fs).column("status").to_pylist()) == {"ok"}
+
+
+def test_a_store_without_conditional_writes_gets_the_best_effort_lock(s3, monkeypatch):
+    """An S3-compatible store that answers 501 to `If-None-Match` is remembered as one without conditions;
+    the lock then checks, writes and reads back, and still refuses a second run."""
+    import botocore.stub
+
+    monkeypatch.setattr(lock_mod, "LOCK_SETTLE_S", 0.05)
+    monkeypatch.setattr(storage, "_NO_CONDITIONS", set())
+    bucket = unique("plain")
+    out = s3.bucket(bucket) + "/out"
+    loc = OutputDir.of(out)
+    with botocore.stub.Stubber(storage.s3_client()) as stub:
+        stub.add_client_error("put_object", "NotImplemented", "A header you provided implies "
+                              "functionality that is not implemented", 501)
+        with pytest.raises(ConditionalWritesUnsupported):
+            loc.write_bytes(LOCK_NAME, b"{}", if_absent=True)
+    assert not loc.conditional and OutputDir.of(s3.bucket(unique("other"))).conditional
+    with OutputLock(out) as lock:
+        assert lock._etag is None
+        assert json.loads(loc.read_bytes(LOCK_NAME))["token"] == lock.token
+        with pytest.raises(ValueError, match=r"another vlbatch run .* is writing here"):
+            OutputLock(out).__enter__()
+        writer = DatasetWriter(out, SCHEMA)  # plain uploads for the part files
+        writer.add(rows("a", 1))
+        writer.flush()
+    assert loc.read_bytes(LOCK_NAME) is None
+    assert len(part_files(out)) == 1
 
 
 def test_inputs_expand_from_directories_globs_and_manifests(s3, tmp_path):
@@ -266,9 +364,9 @@ def test_caption_job_reads_and_writes_s3_and_a_rerun_does_no_work(
             "storage": {"endpoint_url": s3.endpoint}}
     job = validate_job(spec)
     summary = run_job(job, progress=False)
-    assert summary.finished and summary.run.errors == 0
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)  # for the readers below
     df = pd.read_parquet(out)
+    assert summary.finished and summary.run.errors == 0, df[df.status == "error"].error_message.tolist()
     assert set(df.uri) == {f"{s3_corpus}videos/{name}" for name in PIPELINE_VIDEOS}
     assert (df.status == "ok").all() and not df.duplicated(["item_id", "window_index"]).any()
     assert len(df) == summary.totals["units"] == summary.run.units == pq.read_table(out).num_rows
@@ -312,6 +410,61 @@ def test_ocr_job_on_s3_turns_a_broken_object_into_an_error_row(s3, s3_corpus, pi
     assert bad.error_message.iloc[0].startswith(broken)
     assert (df[df.uri != broken].status == "ok").all()
     assert read_json(f"{out}/{MANIFEST_NAME}")["errors"][0]["uri"] == broken
+
+
+def test_decoders_stream_from_s3_what_they_can_read_as_a_stream(s3, tmp_path, monkeypatch):
+    """An image is read by Pillow straight from the object (the plan of a JPEG reads one block, its
+    header); a video too big for the temporary disk is streamed into PyAV, frame for frame as its
+    local decode; neither leaves a temporary file."""
+    import tempfile
+
+    import numpy as np
+    from media import make_video
+
+    from pipeline.decode import files
+    from pipeline.decode.documents import DocumentConfig, iter_document_pages, page_sizes
+    from pipeline.decode.video import decode_video, probe_video
+    from pipeline.decode.windows import VideoDecodeConfig
+
+    local = tmp_path / "media"
+    local.mkdir()
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    Image.fromarray(rng.integers(0, 255, (900, 1200, 3), dtype=np.uint8)).save(local / "noise.jpg")
+    make_video(local / "clip.mp4", n_frames=60, size=(96, 64), b_frames=2)
+    base = s3.upload(local, unique("stream"), "in")
+    monkeypatch.setattr(files, "STREAM_BLOCK_BYTES", 64 << 10)
+    reads: list[int] = []  # blocks fetched from the store (not those served from the stream's cache)
+    real_block = files.ObjectStream._block
+
+    def counted_block(self, index):
+        if index not in self._blocks:
+            reads.append(index)
+        return real_block(self, index)
+
+    monkeypatch.setattr(files.ObjectStream, "_block", counted_block)
+    temp_before = set(os.listdir(tempfile.gettempdir()))
+
+    cfg = DocumentConfig(target_longest_side=256)
+    assert page_sizes(f"{base}noise.jpg", cfg) == page_sizes(str(local / "noise.jpg"), cfg)
+    # The plan reads the header only: one block of a file bigger than the whole block cache.
+    assert reads == [0] and (local / "noise.jpg").stat().st_size > 4 * files.STREAM_BLOCK_BYTES
+    (page,) = iter_document_pages(f"{base}noise.jpg", cfg)
+    (local_page,) = iter_document_pages(str(local / "noise.jpg"), cfg)
+    assert np.array_equal(page["pixels"], local_page["pixels"])
+
+    reads.clear()
+    full = type("Usage", (), {"free": files.TEMP_HEADROOM_BYTES})  # nothing fits the temporary disk
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda _: full)
+    vcfg = VideoDecodeConfig(fps=6.0, clip_seconds=1.0, backend="pyav")
+    assert probe_video(f"{base}clip.mp4").frame_count == 60
+    remote = list(decode_video(f"{base}clip.mp4", vcfg))
+    here = list(decode_video(str(local / "clip.mp4"), vcfg))
+    assert reads and len(remote) == len(here) > 1
+    for a, b in zip(remote, here):
+        assert a["frame_indices"] == b["frame_indices"] and np.array_equal(a["pixels"], b["pixels"])
+    assert set(os.listdir(tempfile.gettempdir())) - temp_before == set()
 
 
 def test_plan_reads_s3_inputs_and_a_missing_output_prefix_as_empty(s3, s3_corpus, pipeline_corpus):

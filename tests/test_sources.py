@@ -9,7 +9,8 @@ import pyarrow.fs as pafs
 import pytest
 
 import pipeline.sources as sources
-from pipeline.decode.files import local_file
+from pipeline.decode import files
+from pipeline.decode.files import ObjectStream, open_input
 from pipeline.sources import Item, expand_inputs, glob_regex, item_id_for
 
 
@@ -152,7 +153,36 @@ def test_object_store_uris(bucket):
     assert [i.uri for i in expand_inputs(["mock://bucket/lists/m.txt"], "video")] == [i.uri for i in items]
     with pytest.raises(ValueError, match="mock://bucket/raw/zzz.mp4 does not exist"):
         expand_inputs(["mock://bucket/raw/zzz.mp4"], "video")
-    # Decoders read remote objects through a temporary local copy that is gone afterwards.
-    with local_file(items[1].uri) as path:
+    # Decoders that need a file read remote objects through a temporary local copy that is gone afterwards.
+    with open_input(items[1].uri) as path:
         assert Path(path).read_bytes() == b"bucket/raw/day2/b.mp4" and path.endswith(".mp4")
     assert not os.path.exists(path)
+
+
+def test_remote_objects_stream_to_decoders_that_read_streams_in_bounded_blocks(bucket, monkeypatch):
+    data = bytes(range(256)) * 4000  # 1,024,000 bytes
+    with bucket.open_output_stream("bucket/raw/big.mp4") as out:
+        out.write(data)
+    monkeypatch.setattr(files, "STREAM_BLOCK_BYTES", 100_000)
+    monkeypatch.setattr(files, "STREAM_BLOCKS_KEPT", 2)
+    with open_input("mock://bucket/raw/big.mp4", stream="always") as source:
+        assert isinstance(source, ObjectStream) and source.seekable()
+        assert source.read(10) == data[:10] and source.requests == 1
+        source.seek(-5, os.SEEK_END)
+        assert source.read() == data[-5:]
+        source.seek(150_000)
+        assert source.read(100_000) == data[150_000:250_000]  # across a block edge
+        assert source.requests == 4 and len(source._blocks) == 2  # memory stays at two blocks
+        source.seek(0)
+        assert source.read() == data
+    assert source.closed
+    # "if_too_big": a copy where it fits the temporary disk, a stream where it does not.
+    with open_input("mock://bucket/raw/big.mp4", stream="if_too_big") as source:
+        assert isinstance(source, str)
+    full = type("Usage", (), {"free": files.TEMP_HEADROOM_BYTES + 1000})
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda _: full)
+    with open_input("mock://bucket/raw/big.mp4", stream="if_too_big") as source:
+        assert isinstance(source, ObjectStream)
+    with pytest.raises(ValueError, match=r"big.mp4: 1,024,000 bytes do not fit .* point TMPDIR"):
+        with open_input("mock://bucket/raw/big.mp4"):
+            pass

@@ -20,7 +20,7 @@ from pymupdf import mupdf
 
 from model.pixels import IMAGE_FACTOR, smart_resize
 from pipeline.budget import TokenBudget
-from pipeline.decode.files import DecodeError, local_file
+from pipeline.decode.files import DecodeError, ObjectStream, open_input
 from pipeline.decode.shared_memory import output_array
 from pipeline.rows import error_row
 from schemas.jobs import (
@@ -201,7 +201,7 @@ def image_target_size(width: int, height: int, cfg: DocumentConfig, uri: str = "
     return max(1, math.floor(height * scale)), max(1, math.floor(width * scale))
 
 
-def _image_page(path: str, uri: str, cfg: DocumentConfig) -> np.ndarray:
+def _image_page(source: str | ObjectStream, uri: str, cfg: DocumentConfig) -> np.ndarray:
     """RGB of a raster file: alpha on white, EXIF rotation applied, downscaled to the target longest side
     (never upscaled: that adds no detail) and capped by max_pixels."""
     pillow_limit = Image.MAX_IMAGE_PIXELS
@@ -210,7 +210,7 @@ def _image_page(path: str, uri: str, cfg: DocumentConfig) -> np.ndarray:
         Image.MAX_IMAGE_PIXELS = cfg.max_source_pixels
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
+            image = Image.open(source)
     except Image.DecompressionBombError as e:
         raise DecodeError(
             f"{uri}: image over limits.max_pixels (a decompression bomb?); raise the limit if it is genuine"
@@ -242,6 +242,10 @@ def _image_page(path: str, uri: str, cfg: DocumentConfig) -> np.ndarray:
         return np.asarray(image)
 
 
+def _is_image(uri: str) -> bool:
+    return os.path.splitext(uri.split("?", 1)[0])[1].lower() in IMAGE_EXTENSIONS
+
+
 def _open_pdf(path: str, uri: str) -> pymupdf.Document:
     # A .pdf is read as PDF whatever its bytes; other names (XPS, EPUB, GIF ... given explicitly) are sniffed.
     filetype = "pdf" if path.lower().endswith(".pdf") else None
@@ -264,10 +268,10 @@ def _open_pdf(path: str, uri: str) -> pymupdf.Document:
 def page_sizes(uri: str, cfg: DocumentConfig) -> list[tuple[int, int]]:
     """Rendered (height, width) of each selected page, from page boxes or image headers; nothing is
     rendered (`vlbatch plan`). Raises DecodeError as the decode stage would."""
-    with local_file(uri) as path:
-        if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
+    if _is_image(uri):
+        with open_input(uri, stream="always") as source:  # only the image's header is read
             try:
-                with Image.open(path) as image:
+                with Image.open(source) as image:
                     width, height = image.size
                     if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF rotation by 90 degrees
                         width, height = height, width
@@ -276,17 +280,17 @@ def page_sizes(uri: str, cfg: DocumentConfig) -> list[tuple[int, int]]:
             if width * height > cfg.max_source_pixels:
                 raise DecodeError(f"{uri}: image of {width}x{height} exceeds limits.max_pixels")
             return [image_target_size(width, height, cfg, uri)]
-        with _open_pdf(path, uri) as doc:
-            pages = select_pages(cfg.page_ranges, doc.page_count)
-            if not pages or len(pages) > cfg.max_pages:
-                raise DecodeError(f"{uri}: {len(pages)} pages selected (limit {cfg.max_pages})")
-            sizes = []
-            for index in pages:
-                rect = doc.load_page(index).rect
-                scale = page_scale(rect.width, rect.height, cfg, uri)
-                box = (rect * pymupdf.Matrix(scale, scale)).irect  # the pixel box get_pixmap renders
-                sizes.append((box.height, box.width))
-            return sizes
+    with open_input(uri) as path, _open_pdf(path, uri) as doc:
+        pages = select_pages(cfg.page_ranges, doc.page_count)
+        if not pages or len(pages) > cfg.max_pages:
+            raise DecodeError(f"{uri}: {len(pages)} pages selected (limit {cfg.max_pages})")
+        sizes = []
+        for index in pages:
+            rect = doc.load_page(index).rect
+            scale = page_scale(rect.width, rect.height, cfg, uri)
+            box = (rect * pymupdf.Matrix(scale, scale)).irect  # the pixel box get_pixmap renders
+            sizes.append((box.height, box.width))
+        return sizes
 
 
 def iter_document_pages(uri: str, cfg: DocumentConfig) -> Iterator[dict[str, Any]]:
@@ -294,16 +298,17 @@ def iter_document_pages(uri: str, cfg: DocumentConfig) -> Iterator[dict[str, Any
 
     Raises DecodeError (naming the file) when the document as a whole cannot be read or is over a limit.
     """
-    with local_file(uri) as path:
-        started = time.perf_counter()
-        if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
-            if not select_pages(cfg.page_ranges, 1):
-                raise DecodeError(
-                    f"{uri}: page_ranges {cfg.page_ranges!r} skip page 1, the only page of an image"
-                )
-            pixels = _image_page(path, uri, cfg)
-            yield _page_row(uri, 0, 1, pixels, None, None, None, cfg, started)
-            return
+    started = time.perf_counter()
+    if _is_image(uri):
+        if not select_pages(cfg.page_ranges, 1):
+            raise DecodeError(
+                f"{uri}: page_ranges {cfg.page_ranges!r} skip page 1, the only page of an image"
+            )
+        with open_input(uri, stream="always") as source:  # Pillow reads a stream; no copy on disk
+            pixels = _image_page(source, uri, cfg)
+        yield _page_row(uri, 0, 1, pixels, None, None, None, cfg, started)
+        return
+    with open_input(uri) as path:  # PyMuPDF needs the whole file
         doc = _open_pdf(path, uri)
         with doc:
             count = doc.page_count

@@ -22,7 +22,7 @@ import av
 import numpy as np
 
 from model.pixels import resize_video_frames
-from pipeline.decode.files import DecodeError, local_file
+from pipeline.decode.files import DecodeError, ObjectStream, open_input
 from pipeline.decode.shared_memory import output_array
 from pipeline.decode.windows import VideoDecodeConfig, VideoInfo, Window, check_limits, plan_windows
 from pipeline.rows import error_row
@@ -33,9 +33,11 @@ DECODE_BATCH_BYTES = 1 << 27  # source-resolution frames per decord batch: bound
 MAX_PACKET_ERRORS = 64  # a stream with more undecodable packets than this is called damaged
 
 
-def _open(path: str, uri: str) -> tuple[av.container.InputContainer, av.VideoStream]:
+def _open(source: str | ObjectStream, uri: str) -> tuple[av.container.InputContainer, av.VideoStream]:
+    if not isinstance(source, str):
+        source.seek(0)  # opened once to probe, again to decode
     try:
-        container = av.open(path, metadata_errors="ignore")
+        container = av.open(source, metadata_errors="ignore")
     except av.FFmpegError as e:
         raise DecodeError(
             f"{uri}: not a readable video ({e.strerror or e}); the file is damaged or not media"
@@ -70,8 +72,8 @@ def _count_packets(
     return len(stamps), sorted(stamps) if usable else None  # type: ignore[type-var]
 
 
-def _probe(path: str, uri: str, count_frames: bool) -> tuple[VideoInfo, list[int] | None]:
-    container, stream = _open(path, uri)
+def _probe(source: str | ObjectStream, uri: str, count_frames: bool) -> tuple[VideoInfo, list[int] | None]:
+    container, stream = _open(source, uri)
     with container:
         codec = stream.codec_context.codec.canonical_name
         width, height = stream.codec_context.width, stream.codec_context.height
@@ -120,8 +122,8 @@ def _probe(path: str, uri: str, count_frames: bool) -> tuple[VideoInfo, list[int
 
 def probe_video(uri: str, count_frames: bool = True) -> VideoInfo:
     """Metadata of a video; nothing is decoded. `count_frames` demuxes the stream to count its real frames."""
-    with local_file(uri) as path:
-        return _probe(path, uri, count_frames)[0]
+    with open_input(uri, stream="if_too_big") as source:
+        return _probe(source, uri, count_frames)[0]
 
 
 def choose_backend(info: VideoInfo, cfg: VideoDecodeConfig) -> str:
@@ -193,7 +195,11 @@ def _decoded_frames(container: av.container.InputContainer, stream: av.VideoStre
 
 
 def _pyav_windows(
-    path: str, windows: list[Window], info: VideoInfo, pts: list[int] | None, cfg: VideoDecodeConfig
+    source: str | ObjectStream,
+    windows: list[Window],
+    info: VideoInfo,
+    pts: list[int] | None,
+    cfg: VideoDecodeConfig,
 ):
     """Sequential decode keeping the wanted frames. A frame the decoder skips is replaced by the next one,
     and the row reports the index really used."""
@@ -203,7 +209,7 @@ def _pyav_windows(
         for w, window in enumerate(windows)
         for slot, index in enumerate(window.frame_indices)
     ]
-    container, stream = _open(path, info.uri)
+    container, stream = _open(source, info.uri)
     with container:
         stream.thread_type = "AUTO"
         if cfg.threads:
@@ -250,20 +256,22 @@ def decode_video(uri: str, cfg: VideoDecodeConfig) -> Iterator[dict[str, Any]]:
     Raises DecodeError (naming the file) for videos that cannot be decoded or are beyond the limits;
     windows already yielded stay valid.
     """
-    with local_file(uri) as path:
+    # A remote video is copied to the temporary disk (decord needs a file, and decoding reads it a second
+    # time); one too big for that disk is streamed to PyAV instead.
+    with open_input(uri, stream="if_too_big") as source:
         started = time.perf_counter()
-        info, pts = _probe(path, uri, count_frames=True)
+        info, pts = _probe(source, uri, count_frames=True)
         check_limits(info, cfg)
         windows = plan_windows(info, cfg)
-        backend = choose_backend(info, cfg)
+        backend = choose_backend(info, cfg) if isinstance(source, str) else "pyav"
         warning = _header_warning(info)
         done = 0
         while done < len(windows):
             todo = windows[done:]
-            source = _decord_windows if backend == "decord" else _pyav_windows
-            args = (path, todo, info, cfg) if backend == "decord" else (path, todo, info, pts, cfg)
+            decode = _decord_windows if backend == "decord" else _pyav_windows
+            args = (source, todo, info, cfg) if backend == "decord" else (source, todo, info, pts, cfg)
             try:
-                for window, frames, used in source(*args):
+                for window, frames, used in decode(*args):
                     yield _window_row(
                         uri, info, window, len(windows), frames, used, backend, started, warning
                     )
