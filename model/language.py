@@ -8,6 +8,14 @@ from torch import nn
 
 from model.attention import AttentionContext
 from model.config import Qwen2VLConfig
+from model.parallel import (
+    SINGLE,
+    ColumnParallelLinear,
+    RowParallelLinear,
+    TensorParallel,
+    VocabParallelEmbedding,
+    even_range,
+)
 from model.rope import MRotary, apply_rotary
 from model.scratch import map_rows
 
@@ -26,13 +34,15 @@ class RMSNorm(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward."""
+    """SwiGLU feed-forward; under tensor parallelism a rank holds a range of the inner dimension."""
 
-    def __init__(self, config: Qwen2VLConfig):
+    def __init__(self, config: Qwen2VLConfig, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        hidden, inner = config.hidden_size, config.intermediate_size
+        rows = even_range(inner, tp.rank, tp.size)
+        self.gate_proj = ColumnParallelLinear(hidden, inner, rows, bias=False)
+        self.up_proj = ColumnParallelLinear(hidden, inner, rows, bias=False)
+        self.down_proj = RowParallelLinear(inner, hidden, rows, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return map_rows(self._forward, x, self.gate_proj.out_features)
@@ -43,19 +53,20 @@ class MLP(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with biased q/k/v projections."""
+    """Grouped-query attention with biased q/k/v projections; under tensor parallelism a rank holds a
+    range of the query heads and the key/value heads they read."""
 
-    def __init__(self, config: Qwen2VLConfig, layer_idx: int):
+    def __init__(self, config: Qwen2VLConfig, layer_idx: int, tp: TensorParallel = SINGLE):
         super().__init__()
         self.layer_idx = layer_idx
-        self.n_heads, self.n_kv_heads, self.head_dim = (
-            config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        )
+        heads, kv_heads, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        (q_lo, q_hi), (kv_lo, kv_hi) = tp.head_ranges(heads, kv_heads)
+        self.n_heads, self.n_kv_heads, self.head_dim = q_hi - q_lo, kv_hi - kv_lo, d
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=False)
+        self.q_proj = ColumnParallelLinear(hidden, heads * d, (q_lo * d, q_hi * d), bias=True)
+        self.k_proj = ColumnParallelLinear(hidden, kv_heads * d, (kv_lo * d, kv_hi * d), bias=True)
+        self.v_proj = ColumnParallelLinear(hidden, kv_heads * d, (kv_lo * d, kv_hi * d), bias=True)
+        self.o_proj = RowParallelLinear(heads * d, hidden, (q_lo * d, q_hi * d), tp)
 
     def forward(self, x, cos, sin, ctx: AttentionContext) -> torch.Tensor:
         q = self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim))
@@ -66,12 +77,12 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: Qwen2VLConfig, layer_idx: int):
+    def __init__(self, config: Qwen2VLConfig, layer_idx: int, tp: TensorParallel = SINGLE):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_idx)
+        self.self_attn = Attention(config, layer_idx, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, tp)
 
     def forward(self, x, cos, sin, ctx: AttentionContext) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
@@ -81,10 +92,10 @@ class DecoderLayer(nn.Module):
 class LanguageModel(nn.Module):
     """Embeddings, decoder layers and final norm; the LM head lives on the top-level model."""
 
-    def __init__(self, config: Qwen2VLConfig):
+    def __init__(self, config: Qwen2VLConfig, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, tp) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = MRotary(config)
 

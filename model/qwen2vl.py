@@ -10,6 +10,7 @@ from torch import nn
 from model.attention import AttentionContext, PackedPrefill
 from model.config import Qwen2VLConfig
 from model.language import LanguageModel
+from model.parallel import SINGLE, ColumnParallelLinear, TensorParallel, check_layout
 from model.rope import mrope_positions
 from model.vision import VisionTransformer
 
@@ -19,27 +20,36 @@ def _as_grid(grid_thw) -> torch.Tensor | None:
 
 
 class Qwen2VL(nn.Module):
-    """Module names follow the published checkpoints: `visual.*`, `model.*` (the decoder), `lm_head`."""
+    """Module names follow the published checkpoints: `visual.*`, `model.*` (the decoder), `lm_head`.
+    With `tp` of size > 1 this is one rank's shard (model/parallel.py): the decoder and LM head split, the
+    vision tower whole."""
 
-    def __init__(self, config: Qwen2VLConfig):
+    def __init__(self, config: Qwen2VLConfig, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.config = config
+        check_layout(config, tp.size)
+        self.config, self.tp = config, tp
         self.visual = VisionTransformer(config.vision)
-        self.model = LanguageModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.model = LanguageModel(config, tp)
+        vocab = config.vocab_size
+        self.lm_head = ColumnParallelLinear(config.hidden_size, vocab, tp.vocab_range(vocab), bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+        cls,
+        path: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        tp: TensorParallel = SINGLE,
     ) -> Qwen2VL:
-        """Build from a checkpoint directory (config.json + *.safetensors); weights go straight to device."""
+        """Build from a checkpoint directory (config.json + *.safetensors); weights go straight to device,
+        each rank reading only its slices."""
         from model.weights import load_checkpoint
 
         config = Qwen2VLConfig.from_json(path)
         with torch.device("meta"):
-            model = cls(config)
+            model = cls(config, tp)
         load_checkpoint(model, path, dtype=dtype, device=device)
         return model.eval().requires_grad_(False)
 
@@ -123,8 +133,9 @@ class Qwen2VL(nn.Module):
         """Packed embeddings (n, hidden) + positions (3, n) -> final hidden states (n, hidden)."""
         return self.model(input_embeds=input_embeds, position_ids=positions, ctx=ctx)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """(n, vocab) logits; under tensor parallelism on rank 0 only (None on the others)."""
+        return self.tp.gather_vocab(self.lm_head(hidden), self.config.vocab_size)
 
     # --- the reference's signature -------------------------------------------------------------------------
 
@@ -137,8 +148,9 @@ class Qwen2VL(nn.Module):
         video_grid_thw: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids (B, S) -> logits (B, S, vocab). Left/right padding is dropped via attention_mask
-        (padded positions get zero logits); each row's images and videos follow one another in the grids."""
+        """input_ids (B, S) -> logits (B, S, vocab), None on tensor-parallel ranks but 0. Left/right
+        padding is dropped via attention_mask (padded positions get zero logits); each row's images and
+        videos follow one another in the grids."""
         input_ids = torch.as_tensor(input_ids)
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
@@ -170,6 +182,8 @@ class Qwen2VL(nn.Module):
             torch.cat(embeds), torch.cat(positions, dim=1).to(self.device), PackedPrefill(cu_seqlens)
         )
         packed_logits = self.logits(hidden)
+        if packed_logits is None:  # a rank other than 0: its share is with rank 0
+            return None
         if bool(keep.all()):
             return packed_logits.view(batch, seq, -1)
         logits = packed_logits.new_zeros(batch, seq, packed_logits.shape[-1])

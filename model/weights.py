@@ -73,9 +73,13 @@ def load_checkpoint(
     """Fill `model` (built on the meta device, or anywhere) with the checkpoint's tensors in dtype on device.
 
     Each tensor goes straight from the file to `device` and `dtype`; no float32 copy of the model is made.
+    A tensor-parallel shard reads only its slice of each split tensor (`get_slice`), never the whole.
     """
+    from model.parallel import parameter_shards
+
     device = torch.device(device)
     expected = dict(model.state_dict(keep_vars=True))
+    shards = parameter_shards(model)
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     state: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
@@ -88,13 +92,21 @@ def load_checkpoint(
                 if name not in expected:
                     unexpected.append(f"{key} (in {file.name})")
                     continue
-                tensor = f.get_tensor(key)
-                if tuple(tensor.shape) != tuple(expected[name].shape):
+                want = list(expected[name].shape)
+                shard = shards.get(name)
+                if shard is not None:
+                    want[shard.dim] = shard.full
+                part = f.get_slice(key) if shard is not None else f.get_tensor(key)
+                shape = tuple(part.get_shape()) if shard is not None else tuple(part.shape)
+                if shape != tuple(want):
                     raise ValueError(
-                        f"{file}: tensor {key} has shape {tuple(tensor.shape)}, the config expects "
-                        f"{tuple(expected[name].shape)}; config.json and weights come from different models"
+                        f"{file}: tensor {key} has shape {shape}, the config expects "
+                        f"{tuple(want)}; config.json and weights come from different models"
                     )
-                state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                if shard is not None:
+                    rows = slice(shard.lo, shard.hi)
+                    part = (part[rows] if shard.dim == 0 else part[:, rows]).to(device)
+                state[name] = part.to(dtype) if part.is_floating_point() else part
     if tied:
         expected.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(state))
