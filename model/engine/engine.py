@@ -17,17 +17,19 @@ from pathlib import Path
 
 import torch
 
-from model.config import read_eos_token_ids
+from model.config import Qwen2VLConfig, read_eos_token_ids
 from model.engine.attention import pick_backend
 from model.engine.attention.flash import BLOCK_SIZE as FLASH_BLOCK_SIZE
 from model.engine.block_manager import BlockManager, blocks_needed
 from model.engine.grammar import Grammars, advance
 from model.engine.kv_cache import CacheShape, num_kv_blocks
 from model.engine.model_runner import ModelRunner
+from model.engine.ranks import Ranks
 from model.engine.request import Request, RequestOutput
 from model.engine.sampling import SamplingParams, sample, top_logprobs
 from model.engine.scheduler import ScheduledBatch, Scheduler
 from model.engine.sequence import Sequence
+from model.parallel import SINGLE, check_layout
 from model.qwen2vl import Qwen2VL
 
 
@@ -50,17 +52,43 @@ class EngineConfig:
     # "flash", "triton" or "sdpa"; by default flash-attn where installed, else the Triton decode kernel on
     # CUDA (after a check against a reference), else SDPA
     attention_backend: str | None = None
-    # decode-only steps replayed as CUDA graphs (CUDA with the triton backend); if capture fails, eager
+    # decode-only steps replayed as CUDA graphs (CUDA with the triton backend, one rank); if capture
+    # fails, eager
     cuda_graphs: bool = True
+    # ranks the language model is sharded over (model/parallel.py), one process each, started by
+    # Engine.from_pretrained on cuda:0..N-1 (or all on the CPU)
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_tokens", "max_num_seqs", "max_vision_patches"):
+        for name in ("max_batch_tokens", "max_num_seqs", "max_vision_patches", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.kv_cache_fraction is not None and not 0 < self.kv_cache_fraction < 1:
             raise ValueError(
                 f"EngineConfig.kv_cache_fraction must be in (0, 1), got {self.kv_cache_fraction}"
             )
+
+
+def attention_layout(config: EngineConfig, device: torch.device, dtype: torch.dtype) -> tuple[str, int]:
+    """The attention backend and KV block size the config gives on this device."""
+    backend = pick_backend(device, dtype, config.attention_backend)
+    block_size = config.block_size or (FLASH_BLOCK_SIZE if backend == "flash" else 16)
+    if backend == "flash" and block_size % FLASH_BLOCK_SIZE:
+        raise ValueError(
+            f"EngineConfig.block_size={block_size}: flash-attn's paged KV needs a multiple of "
+            f"{FLASH_BLOCK_SIZE}"
+        )
+    return backend, block_size
+
+
+def kv_budget(config: EngineConfig, max_model_len: int) -> dict:
+    """What sizes the KV cache (kv_cache.num_kv_blocks's arguments), the same on every rank."""
+    return dict(
+        num_kv_blocks=config.num_kv_blocks,
+        max_tokens=config.max_num_seqs * max_model_len,
+        cache_bytes=config.kv_cache_bytes,
+        fraction=config.kv_cache_fraction,
+    )
 
 
 @dataclass
@@ -92,23 +120,28 @@ class Engine:
         config: EngineConfig | None = None,
         tokenizer=None,
         eos_token_ids: Seq[int] | None = None,
+        ranks: Ranks | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.config = config = config or EngineConfig()
         self.model_config = model.config
+        if model.tp.size != config.tensor_parallel_size or (ranks is None) != (model.tp.size == 1):
+            raise ValueError(
+                f"EngineConfig.tensor_parallel_size={config.tensor_parallel_size}: a tensor-parallel engine "
+                "starts its ranks itself; build it with Engine.from_pretrained(path, config)"
+            )
+        self.ranks = ranks
         self.device = model.device
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         self.eos_token_ids = set(eos_token_ids or [self.model_config.eos_token_id])
-        backend = pick_backend(self.device, self.model.dtype, config.attention_backend)
-        block_size = config.block_size or (FLASH_BLOCK_SIZE if backend == "flash" else 16)
-        if backend == "flash" and block_size % FLASH_BLOCK_SIZE:
-            raise ValueError(
-                f"EngineConfig.block_size={block_size}: flash-attn's paged KV needs a multiple of "
-                f"{FLASH_BLOCK_SIZE}"
-            )
+        backend, block_size = attention_layout(config, self.device, model.dtype)
         num_blocks = self._num_blocks(block_size)
-        self.runner = ModelRunner(model, num_blocks, block_size, config.max_vision_patches, backend)
-        if config.cuda_graphs and backend == "triton" and self.device.type == "cuda":
+        if ranks is not None:
+            num_blocks = ranks.agree_min(num_blocks)  # every rank's cache holds the same blocks
+        self.runner = ModelRunner(model, num_blocks, block_size, config.max_vision_patches, backend, ranks)
+        if ranks is not None:
+            ranks.started()
+        if config.cuda_graphs and backend == "triton" and self.device.type == "cuda" and ranks is None:
             try:
                 self.runner.use_decode_graphs(config.max_num_seqs, self.max_model_len, capture=True)
             except Exception as e:  # slower, still right: say so and run eagerly
@@ -131,27 +164,69 @@ class Engine:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> Engine:
-        """Load the checkpoint, its tokenizer.json and its generation_config.json end-of-sequence ids."""
+        """Load the checkpoint, its tokenizer.json and its generation_config.json end-of-sequence ids. With
+        `tensor_parallel_size` N > 1, starts ranks 1..N-1 (model/engine/ranks.py), each loading its own
+        shard; on CPU the calling thread's torch threads are shared among the ranks."""
         from model.tokenizer import Tokenizer
 
         path = Path(path)
-        model = Qwen2VL.from_pretrained(path, dtype=dtype, device=device)
-        tokenizer = (
-            Tokenizer.from_file(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else None
+        config = config or EngineConfig()
+        ranks = None
+        if config.tensor_parallel_size > 1:
+            ranks = cls._start_ranks(path, config, dtype, torch.device(device))
+            device = ranks.device
+        try:
+            tp = ranks.tp if ranks else SINGLE
+            model = Qwen2VL.from_pretrained(path, dtype=dtype, device=device, tp=tp)
+            tokenizer = (
+                Tokenizer.from_file(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else None
+            )
+            return cls(model, config, tokenizer, read_eos_token_ids(path), ranks)
+        except BaseException:
+            if ranks is not None:
+                ranks.close(abort=True)
+            raise
+
+    @staticmethod
+    def _start_ranks(path: Path, config: EngineConfig, dtype: torch.dtype, device: torch.device) -> Ranks:
+        model_config = Qwen2VLConfig.from_json(path)
+        check_layout(model_config, config.tensor_parallel_size)
+        backend, block_size = attention_layout(config, device, dtype)
+        threads = None
+        if device.type == "cpu":
+            threads = max(1, torch.get_num_threads() // config.tensor_parallel_size)
+            torch.set_num_threads(threads)
+        settings = dict(
+            backend=backend,
+            block_size=block_size,
+            max_vision_patches=config.max_vision_patches,
+            threads=threads,
+            kv=kv_budget(config, config.max_model_len or model_config.max_position_embeddings),
         )
-        return cls(model, config, tokenizer, read_eos_token_ids(path))
+        return Ranks.start(path, config.tensor_parallel_size, dtype, device, settings)
+
+    def close(self) -> None:
+        """Stop a tensor-parallel engine's ranks and leave their group (nothing to do for one rank)."""
+        if self.ranks is not None:
+            self.ranks.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _num_blocks(self, block_size: int) -> int:
-        cfg = self.config
-        if cfg.num_kv_blocks is not None:
-            return cfg.num_kv_blocks
+        kv = kv_budget(self.config, self.max_model_len)
+        if kv["num_kv_blocks"] is not None:
+            return kv["num_kv_blocks"]
         return num_kv_blocks(
-            CacheShape.for_model(self.model_config, block_size),
+            CacheShape.for_model(self.model_config, block_size, self.model.tp),
             self.model.dtype,
             self.device,
-            max_tokens=cfg.max_num_seqs * self.max_model_len,
-            cache_bytes=cfg.kv_cache_bytes,
-            fraction=cfg.kv_cache_fraction,
+            max_tokens=kv["max_tokens"],
+            cache_bytes=kv["cache_bytes"],
+            fraction=kv["fraction"],
         )
 
     # --- the loop -------------------------------------------------------------------------------------------
@@ -280,7 +355,11 @@ class Engine:
         if self._grammars is not None:  # masks of the rows due a token fill while the model runs
             due = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed + n == s.num_tokens]
             masks = self._grammars.start_masks([s.matcher for s in due])
-        to_sample, logits = self.runner.run(batch)
+        if self.ranks is not None:
+            with self.ranks.collective():
+                to_sample, logits = self.runner.run(batch)
+        else:
+            to_sample, logits = self.runner.run(batch)
         if masks is not None:
             self._grammars.apply(logits, masks)
         self.stats.steps += 1

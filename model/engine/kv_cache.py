@@ -8,6 +8,7 @@ import torch
 
 from model.config import Qwen2VLConfig
 from model.engine.block_manager import blocks_needed
+from model.parallel import SINGLE, TensorParallel
 
 CPU_KV_CACHE_BYTES = 512 << 20  # the CPU's default budget; CUDA takes a fraction of free memory
 CUDA_KV_CACHE_FRACTION = 0.8
@@ -23,8 +24,10 @@ class CacheShape:
     block_size: int
 
     @classmethod
-    def for_model(cls, config: Qwen2VLConfig, block_size: int) -> CacheShape:
-        return cls(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, block_size)
+    def for_model(cls, config: Qwen2VLConfig, block_size: int, tp: TensorParallel = SINGLE) -> CacheShape:
+        """The cache of one rank: the key/value heads its attention reads (all of them at size 1)."""
+        _, (kv_lo, kv_hi) = tp.head_ranges(config.num_attention_heads, config.num_key_value_heads)
+        return cls(config.num_hidden_layers, kv_hi - kv_lo, config.head_dim, block_size)
 
     def bytes_per_block(self, dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
