@@ -132,6 +132,7 @@ def build_dataset(job: JobBase, items: list[Item], job_id: str, model: tuple[str
                 "max_model_len": model_context(job.model, job.max_model_len),
                 "max_num_seqs": r.max_seqs_in_flight,
                 "max_waiting_bytes": r.max_waiting_bytes,
+                "tensor_parallel_size": r.tensor_parallel_size,
                 "cpu_threads": cpus,
                 "gpu_share": num_gpus,
                 "faults": InferFaults.for_output(job.output),

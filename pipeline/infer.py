@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from model.engine.ranks import RankFailed
 from pipeline.faults import InferFaults
 from pipeline.packing import unpack_table
 from pipeline.rows import BUSY_S, INPUT_IDS, PIXELS, RecordModel, error_fields, pixels_at, result_schema
@@ -95,24 +96,25 @@ class Backend:
         gpu_share: float = 1.0,
         max_model_len: int | None = None,
         max_num_seqs: int = MAX_SEQS_IN_FLIGHT,
+        tensor_parallel_size: int = 1,
     ):
-        from model.config import read_eos_token_ids
         from model.engine import Engine, EngineConfig
         from model.engine.kv_cache import CUDA_KV_CACHE_FRACTION
         from model.processor import Processor
-        from model.qwen2vl import Qwen2VL
 
         self.device = pick_device(device)
         self.processor = Processor.from_pretrained(model_path)
-        self.model = Qwen2VL.from_pretrained(model_path, dtype=DTYPES[dtype], device=self.device)
         config = EngineConfig(
-            max_batch_tokens=max_step_tokens, max_model_len=max_model_len, max_num_seqs=max_num_seqs
+            max_batch_tokens=max_step_tokens,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            tensor_parallel_size=tensor_parallel_size,
         )
         if self.device.startswith("cuda") and 0 < gpu_share < 1:
             # Workers sharing a GPU each take their share of the memory free at start for the KV cache.
             config.kv_cache_fraction = CUDA_KV_CACHE_FRACTION * gpu_share
-        eos = read_eos_token_ids(model_path)
-        self.engine = Engine(self.model, config, self.processor.tokenizer, eos)
+        self.engine = Engine.from_pretrained(model_path, config, dtype=DTYPES[dtype], device=self.device)
+        self.model = self.engine.model
 
     def vision_inputs(self, unit: UnitPrompt) -> dict[str, torch.Tensor]:
         """Normalised patches and grid, computed from uint8 on the model's device."""
@@ -241,11 +243,15 @@ class EngineFeeder:
             self.max_waiting_bytes = self.backend.waiting_room_bytes(waiting)
             ready.set_result(None)
         except BaseException as e:
+            if isinstance(e, RankFailed) and actor_restarts() == 0:
+                end_worker(e)  # a rank lost while starting: once, a fresh worker; again, the job's error
             ready.set_exception(e)
             return
         try:
             self._loop()
         except BaseException as e:
+            if isinstance(e, RankFailed) and actor_restarts() is not None:
+                end_worker(e)
             with self.lock:
                 self.broken = f"the engine thread stopped ({type(e).__name__}: {e})"
             for future in self.futures.values():
@@ -276,6 +282,8 @@ class EngineFeeder:
             started, steps = time.perf_counter(), self.engine.stats.steps
             try:
                 outputs = self.engine.step()
+            except RankFailed:
+                raise
             except Exception:  # the step failed as a whole: redo its requests one by one
                 self._redo_alone()
                 continue
@@ -311,6 +319,27 @@ class EngineFeeder:
                 future.set_result(failed(e))
 
 
+def actor_restarts() -> int | None:
+    """0 in a Ray actor's first life, 1 in a restarted one, None outside an actor."""
+    try:
+        import ray
+
+        context = ray.get_runtime_context()
+        if context.get_actor_id() is None:
+            return None
+        return int(context.was_current_actor_reconstructed)
+    except Exception:
+        return None
+
+
+def end_worker(error: RankFailed) -> None:
+    """The ranks are out of step: no unit is at fault and this worker cannot go on. Ending the process has
+    Ray restart the worker (ranks and all) and redo the packs it held."""
+    log.error("%s; ending this GPU worker so that Ray restarts it", error)
+    logging.shutdown()
+    os._exit(RankFailed.exit_status)
+
+
 def torch_threads(cpus: float | None) -> int | None:
     """Torch threads of a CPU worker given `cpus`: its CPUs rounded up, never more than the node's cores."""
     if cpus is None:
@@ -335,6 +364,7 @@ class Infer:
         max_model_len: int | None = None,
         max_num_seqs: int = MAX_SEQS_IN_FLIGHT,
         max_waiting_bytes: int | None = None,
+        tensor_parallel_size: int = 1,
         cpu_threads: float | None = None,
         json_schema: dict | None = None,
     ):
@@ -343,6 +373,7 @@ class Infer:
         # with the CPUs it was given instead, on the feeder's thread, where all of its torch work runs.
         self.sampling = Sampling.model_validate(sampling)
         args = (model_path, dtype, device, max_step_tokens, gpu_share, max_model_len, max_num_seqs)
+        args += (tensor_parallel_size,)
         self.feeder = EngineFeeder(
             lambda: Backend(*args),
             self.sampling,

@@ -142,8 +142,9 @@ class Resources(Strict):
     gpus_per_worker: float = Field(
         1.0,
         ge=0.0,
-        description="GPUs per inference actor (several: tensor parallel); 0 on CPU-only "
-        "machines. Ignored where the cluster has no GPUs or device is cpu.",
+        description="GPUs per inference actor: a fraction shares a GPU; a whole number N > 1 shards the "
+        "language model over N GPUs of one node (tensor parallel, one process each). On a machine "
+        "without GPUs (or device: cpu) a fraction is ignored and N > 1 runs the N ranks on the CPU.",
     )
     cpus_per_gpu_worker: float | None = Field(
         None,
@@ -152,6 +153,12 @@ class Resources(Strict):
         "computes with (at most the node's cores). null: 0.5 where the cluster has GPUs; on a CPU-only "
         "cluster what the decode workers and the light stages leave, shared among gpu_workers, at most "
         "the node's cores.",
+    )
+    gpu_memory_gb: float | None = Field(
+        None,
+        gt=0.0,
+        description="Memory of each GPU, for `vlbatch plan`'s fit check (weights per GPU, KV-cache room); "
+        "null: the GPU this machine has, or no check where it has none.",
     )
     max_pack_tokens: int = Field(
         MAX_PACK_TOKENS,
@@ -183,6 +190,21 @@ class Resources(Strict):
         "the rest of the packs in flight wait as uint8. null: 2% of the GPU's memory, 512 MiB on CPU.",
     )
 
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _whole_when_sharded(cls, value: float) -> float:
+        if value > 1 and value != int(value):
+            raise ValueError(
+                f"gpus_per_worker: {value}: more than one GPU per worker means tensor parallelism over whole "
+                f"GPUs; use {int(value)} or {int(value) + 1}, or a fraction up to 1 to share a GPU"
+            )
+        return value
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        """Ranks the language model of each inference worker is sharded over."""
+        return int(self.gpus_per_worker) if self.gpus_per_worker > 1 else 1
 
 class Limits(Strict):
     """Safety limits and failure handling: inputs beyond a limit become error rows instead of exhausting a
