@@ -107,6 +107,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     plan = plan_job(_job_from_args(args))
     print(plan.to_json() if args.json else plan.describe())
+    if plan.gpu is not None and plan.gpu.problem():
+        return 1
     return 0
 
 

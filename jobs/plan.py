@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from pipeline import storage
-from pipeline.budget import model_context
+from pipeline.budget import GpuLayout, gpu_layout, model_context
 from pipeline.prepare import messages_for, visual_item
 from pipeline.rows import error_message
 from pipeline.sources import Item, expand_inputs
@@ -55,6 +55,7 @@ class Plan:
     items: list[ItemPlan] = field(default_factory=list)
     done_item_ids: set[str] = field(default_factory=set)  # already ok in the output: a run skips them
     context: int = 0  # tokens one unit's sequence may hold
+    gpu: GpuLayout | None = None  # weights and KV cache per GPU of an inference worker
 
     def largest_unit(self) -> int:
         """Visual + prompt tokens + max_new_tokens of the largest window / page."""
@@ -87,9 +88,23 @@ class Plan:
                 "total": self.totals(),
                 "remaining": self.totals(remaining=True),
                 "problems": problems,
+                "gpu": self._gpu_json(),
             },
             indent=2,
         )
+
+    def _gpu_json(self) -> dict | None:
+        if self.gpu is None:
+            return None
+        g = self.gpu
+        return {
+            "tensor_parallel_size": g.tensor_parallel_size,
+            "weights_bytes_per_gpu": g.weights_bytes,
+            "gpu_bytes": g.gpu_bytes,
+            "gpu_source": g.gpu_source,
+            "kv_cache_tokens": g.kv_tokens,
+            "problem": g.problem(),
+        }
 
     def describe(self) -> str:
         t, left = self.totals(), self.totals(remaining=True)
@@ -111,6 +126,10 @@ class Plan:
             f"  model context      {self.context:>14,}   tokens per {self.unit[:-1]}; the largest takes "
             f"{self.largest_unit():,} ({share:.0%}) with max_new_tokens"
         )
+        if self.gpu is not None:
+            lines += self.gpu.describe()
+            if self.gpu.problem():
+                lines.append(f"  does not fit: {self.gpu.problem()}")
         if self.done_item_ids:
             lines.append(
                 f"  already done       {t['items'] - left['items']:>14,}   items; the run will cost "
@@ -144,4 +163,5 @@ def plan_job(job: JobBase, threads: int = 8) -> Plan:
         plans = list(pool.map(plan_one, items))
     done = scan_output(job.output, uri_key="uri").ok_items  # an output not there yet holds nothing
     context = model_context(job.model, job.max_model_len)
-    return Plan(job.kind, task.unit, job.sampling.max_new_tokens, plans, done, context)
+    gpu = gpu_layout(job)
+    return Plan(job.kind, task.unit, job.sampling.max_new_tokens, plans, done, context, gpu)

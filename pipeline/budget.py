@@ -62,3 +62,107 @@ def token_budget(job: CaptionVideosJob | OcrDocumentsJob, processor=None) -> Tok
     prompt = processor.count_tokens(messages_for(visual_item(shape), job.prompt, job.system_prompt))
     context = model_context(job.model, job.max_model_len)
     return TokenBudget(context, prompt.text_tokens, job.sampling.max_new_tokens)
+
+
+GB = 1e9
+# The CUDA context, a step's activations and the allocator's slack: never counted as KV-cache room.
+CUDA_OVERHEAD_BYTES = 2 << 30
+
+
+@dataclass(frozen=True)
+class GpuLayout:
+    """How a job's model sits on the GPUs of one inference worker: weights and KV cache per GPU."""
+
+    model: str
+    tensor_parallel_size: int
+    weights_bytes: int  # on each GPU (its rank's shard of the decoder and the whole vision tower)
+    kv_bytes_per_token: int  # on each GPU (its rank's key/value heads)
+    gpu_bytes: int | None  # each GPU's memory (times gpus_per_worker where workers share one); None: unknown
+    gpu_source: str  # where gpu_bytes comes from
+    context: int  # tokens one sequence may hold
+    fits_sizes: tuple[int, ...]  # tensor-parallel sizes this model splits into
+
+    @property
+    def kv_tokens(self) -> int | None:
+        """Tokens the KV cache of one worker holds: the engine's share of what the weights leave."""
+        from model.engine.kv_cache import CUDA_KV_CACHE_FRACTION
+
+        if self.gpu_bytes is None:
+            return None
+        room = CUDA_KV_CACHE_FRACTION * (self.gpu_bytes - self.weights_bytes - CUDA_OVERHEAD_BYTES)
+        return max(0, int(room // self.kv_bytes_per_token))
+
+    def problem(self) -> str | None:
+        """Why this layout cannot run (weights do not fit, or no room for one sequence), or None."""
+        if self.gpu_bytes is None:
+            return None
+        tokens = self.kv_tokens
+        if tokens >= self.context:
+            return None
+        bigger = [n for n in self.fits_sizes if n > self.tensor_parallel_size]
+        fix = f"set resources.gpus_per_worker to {bigger[0]}" if bigger else "use GPUs with more memory"
+        have = f"{self.gpu_bytes / GB:.0f} GB per GPU ({self.gpu_source})"
+        if self.weights_bytes + CUDA_OVERHEAD_BYTES >= self.gpu_bytes:
+            what = f"its weights take {self.weights_bytes / GB:.1f} GB per GPU"
+        else:
+            what = (
+                f"the KV cache left beside {self.weights_bytes / GB:.1f} GB of weights holds {tokens:,} "
+                f"tokens, fewer than one sequence of the model's context ({self.context:,})"
+            )
+        return (
+            f"{self.model} does not fit with gpus_per_worker={self.tensor_parallel_size} on {have}: {what}; "
+            f"{fix} (or lower max_model_len)"
+        )
+
+    def describe(self) -> list[str]:
+        ranks = self.tensor_parallel_size
+        spread = f"sharded over {ranks} GPUs, vision tower on each" if ranks > 1 else "one GPU"
+        lines = [f"  weights per GPU    {self.weights_bytes / GB:>14,.1f}   GB ({spread})"]
+        if self.gpu_bytes is None:
+            lines.append("  KV cache room      unknown: set resources.gpu_memory_gb to check the fit")
+        else:
+            lines.append(
+                f"  KV cache room      {self.kv_tokens:>14,}   tokens per worker, on "
+                f"{self.gpu_bytes / GB:.0f} GB per GPU ({self.gpu_source})"
+            )
+        return lines
+
+
+def gpu_layout(job) -> GpuLayout:
+    """The job's model on its workers' GPUs: `resources.gpu_memory_gb`, else this machine's first GPU."""
+    import torch
+
+    from model.config import Qwen2VLConfig
+    from model.engine.kv_cache import CacheShape
+    from model.parallel import TensorParallel, check_layout, rank_parameter_counts
+
+    config = Qwen2VLConfig.from_json(job.model)
+    r = job.resources
+    size = r.tensor_parallel_size
+    check_layout(config, size)
+    dtype = getattr(torch, job.dtype)
+    elem = torch.empty((), dtype=dtype).element_size()
+    weights = max(rank_parameter_counts(config, size)) * elem
+    per_token = CacheShape.for_model(config, 1, TensorParallel(0, size)).bytes_per_block(dtype)
+    gpu_bytes, source = None, ""
+    if job.device != "cpu":
+        if r.gpu_memory_gb is not None:
+            gpu_bytes, source = int(r.gpu_memory_gb * GB), "resources.gpu_memory_gb"
+        elif torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            gpu_bytes, source = props.total_memory, f"this machine's {props.name}"
+        if gpu_bytes is not None and r.gpus_per_worker < 1:
+            gpu_bytes = int(gpu_bytes * r.gpus_per_worker)  # workers sharing a GPU each get their share
+    fits = tuple(n for n in range(1, config.num_attention_heads + 1) if _splits(config, n))
+    context = model_context(job.model, job.max_model_len)
+    return GpuLayout(str(job.model), size, weights, per_token, gpu_bytes, source, context, fits)
+
+
+def _splits(config, size: int) -> bool:
+    from model.parallel import check_layout
+
+    try:
+        check_layout(config, size)
+    except ValueError:
+        return False
+    return True

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import storage
+from pipeline.budget import gpu_layout
 from pipeline.chain import build_dataset
 from pipeline.infer import model_identity
 from pipeline.lock import OutputLock
@@ -97,6 +98,9 @@ def run_job(
     task = task_of(job)
     items = expand_inputs(job.inputs, task.inputs)  # a missing input fails here, before any work
     model = model_identity(job.model)
+    problem = gpu_layout(job).problem()  # a model that cannot fit its GPUs fails here, not in every worker
+    if problem:
+        raise ValueError(problem)
     out_dir = OutputDir.of(job.output)
     if out_dir.local and Path(out_dir.path).exists() and not Path(out_dir.path).is_dir():
         raise ValueError(
