@@ -109,10 +109,9 @@ class GpuLayout:
                 f"the KV cache left beside {self.weights_bytes / GB:.1f} GB of weights holds {tokens:,} "
                 f"tokens, fewer than one sequence of the model's context ({self.context:,})"
             )
-        return (
-            f"{self.model} does not fit with gpus_per_worker={self.tensor_parallel_size} on {have}: {what}; "
-            f"{fix} (or lower max_model_len)"
-        )
+            fix += " or lower max_model_len"
+        layout = f"gpus_per_worker={self.tensor_parallel_size}"
+        return f"{self.model} does not fit with {layout} on {have}: {what}; {fix}"
 
     def describe(self) -> list[str]:
         ranks = self.tensor_parallel_size

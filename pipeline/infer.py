@@ -13,6 +13,11 @@ size; normalisation and patchify run on the model's device when a unit joins the
 `max_waiting_bytes` of such model-ready pixels wait there for a slot: the other units of the packs in
 flight wait as uint8, so a worker's memory stays flat however long the job. The GPU worker's fault drill
 (VLBATCH_FAULT_INFER_EXIT) is described in `pipeline/faults.py`.
+
+With `gpus_per_worker: N > 1` the worker is one actor asking Ray for N GPUs, which Ray places on one node,
+and its engine shards the language model over them (model/engine/ranks.py). A rank that dies ends the
+worker's process (`end_worker`): no unit is at fault, and Ray's restart brings fresh ranks and redoes the
+packs the worker held.
 """
 
 from __future__ import annotations
