@@ -151,12 +151,32 @@ def greedy(inputs, new_tokens=8):
 def test_two_ranks_give_the_tokens_and_logits_of_one(tiny_checkpoint, mixed_inputs, config, hard_timeout):
     """Images, videos, both, and text only: greedy tokens identical, log-probabilities equal to float32
     round-off (a split matmul sums in another order: not bit for bit)."""
-    one = Engine.from_pretrained(tiny_checkpoint, EngineConfig(**config)).generate(greedy(mixed_inputs))
+    logits: dict[int, list[torch.Tensor]] = {1: [], 2: []}
+
+    def recording(engine, size):
+        forward = engine.runner.forward
+
+        def record(step):
+            out = forward(step)
+            if out is not None:
+                logits[size].append(out.clone())
+            return out
+
+        engine.runner.forward = record
+        return engine
+
+    alone = Engine.from_pretrained(tiny_checkpoint, EngineConfig(**config))
+    one = recording(alone, 1).generate(greedy(mixed_inputs))
     with Engine.from_pretrained(tiny_checkpoint, EngineConfig(**config, tensor_parallel_size=2)) as engine:
         assert engine.runner.k_cache.shape[3] == 1  # this rank's one key/value head of the tiny model's 2
-        two = engine.generate(greedy(mixed_inputs))
+        two = recording(engine, 2).generate(greedy(mixed_inputs))
         vision_patches = engine.runner.vision_patches
     assert [o.token_ids for o in two] == [o.token_ids for o in one]
+    # The same schedule, step for step: the logits of every sampled row, whole vocabulary.
+    assert len(logits[2]) == len(logits[1]) >= 8  # one step a token at least
+    for a, b in zip(logits[1], logits[2]):
+        assert b.shape == a.shape and b.shape[1] == alone.model_config.vocab_size
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * max(1.0, a.abs().max().item()))
     for a, b in zip(one, two):
         for top_a, top_b in zip(a.logprobs, b.logprobs):
             shared = [t for t in top_a if t in top_b]
