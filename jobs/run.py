@@ -70,10 +70,11 @@ def connect_ray(
     """Join the cluster at `address` / RAY_ADDRESS, else start a local Ray listening on 127.0.0.1 only."""
     import ray
 
-    from pipeline.progress import quiet_local_ray, ray_logging_level
+    from pipeline.progress import drop_ray_noise, quiet_local_ray, ray_logging_level
 
     if ray.is_initialized():
         return
+    drop_ray_noise(verbose)
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address.startswith(("http://", "https://")):
         raise ValueError(

@@ -156,15 +156,61 @@ def _clock(seconds: float) -> str:
 
 def quiet_local_ray(verbose: bool) -> None:
     """Before `ray.init` starts a local Ray: without `verbose`, its warning that it enabled token auth
-    goes (Ray's default, kept: it is what a local cluster should have).
-
-    Not silenced, for want of a switch in Ray: one error-level `core_worker.cc` line per process saying
-    that a Ray Data actor has "constructor arguments in the object store and max_restarts > 0". Ray Data
-    passes every actor a handle and object refs it keeps alive for the whole run (ray-project/ray#57733);
-    RAY_BACKEND_LOG_LEVEL would hide it only by making every Ray process print a line of its own.
-    """
+    goes (Ray's default, kept: it is what a local cluster should have)."""
     if not verbose:
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+
+
+# Lines Ray's C++ core worker writes to the driver's stderr on every healthy run, which no user can act
+# on. The one today: an error-level line that a Ray Data actor has "constructor arguments in the object
+# store and max_restarts > 0" (Ray Data hands each actor object refs it keeps alive for the whole run,
+# ray-project/ray#57733); Ray has no switch for it short of a log level for every Ray process.
+RAY_NOISE = (
+    r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store and "
+    r"max_restarts > 0",
+)
+# A child process, so that what a crash of the driver writes (a faulthandler traceback) still comes out.
+_STDERR_FILTER = """
+import re, sys
+noise = [re.compile(p.encode()) for p in sys.argv[1:]]
+out = sys.stdout.buffer
+for line in sys.stdin.buffer:
+    if not any(p.search(line) for p in noise):
+        out.write(line)
+        out.flush()
+"""
+_filtered_stderr: dict[str, Any] = {}
+
+
+def drop_ray_noise(verbose: bool) -> None:
+    """Before `ray.init` (whose core worker writes to fd 2 from C++): without `verbose`, this process's
+    stderr goes through a filter that drops the RAY_NOISE lines and passes every other line on."""
+    import atexit
+    import os
+    import subprocess
+
+    if verbose or _filtered_stderr:
+        return
+    sys.stderr.flush()
+    read, write = os.pipe()
+    original = os.dup(2)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _STDERR_FILTER, *RAY_NOISE], stdin=read, stdout=original, close_fds=True
+    )
+    os.close(read)
+    os.dup2(write, 2)
+    os.close(write)
+    _filtered_stderr.update(child=child, original=original)
+
+    def restore() -> None:
+        sys.stderr.flush()
+        os.dup2(original, 2)  # our end of the pipe closes: the filter drains it and exits
+        try:
+            child.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            pass  # Ray's processes still hold the pipe; the filter ends with them
+
+    atexit.register(restore)
 
 
 def ray_logging_level(verbose: bool) -> int:
