@@ -171,7 +171,8 @@ RAY_NOISE = (
 )
 # A child process, so that what a crash of the driver writes (a faulthandler traceback) still comes out.
 _STDERR_FILTER = """
-import re, sys
+import re, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the driver: its last words must come out
 noise = [re.compile(p.encode()) for p in sys.argv[1:]]
 out = sys.stdout.buffer
 for line in sys.stdin.buffer:
@@ -194,8 +195,14 @@ def drop_ray_noise(verbose: bool) -> None:
     sys.stderr.flush()
     read, write = os.pipe()
     original = os.dup(2)
+    # A session of its own: Ctrl-C on the driver's process group must not reach it. It ends when the
+    # last writer of the pipe (this process, then any Ray process started from it) is gone.
     child = subprocess.Popen(
-        [sys.executable, "-c", _STDERR_FILTER, *RAY_NOISE], stdin=read, stdout=original, close_fds=True
+        [sys.executable, "-c", _STDERR_FILTER, *RAY_NOISE],
+        stdin=read,
+        stdout=original,
+        close_fds=True,
+        start_new_session=True,
     )
     os.close(read)
     os.dup2(write, 2)
