@@ -8,6 +8,7 @@ the next run redoes.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import secrets
 import time
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from pipeline.storage import OutputDir
 from pipeline.tasks import task_of
 from pipeline.writer import DatasetWriter, check_same_fields, drop_items, remove_partial_files, scan_output
 from schemas import JobBase, arrow_schema
+
+log = logging.getLogger(__name__)
 
 
 def new_job_id(job: JobBase) -> str:
@@ -174,8 +177,9 @@ def execute(
     ctx.enable_progress_bars = progress and verbose
     configure_ray_data_output(verbose)
     ctx.execution_options.preserve_order = False
-    # A block that fails for good (a batch whose retries are spent) must not end the job: its items are
-    # missing at the end of the stream and become error rows below, which the next run redoes.
+    # A block that fails for good (a batch whose retries are spent, a block lost with its node) must not end
+    # the job: its items are missing at the end of the stream and run again in a further pass
+    # (limits.lost_item_passes); those still missing become error rows, which the next run redoes.
     ctx.max_errored_blocks = -1
     run = run if run is not None else RunStats()
     line = ProgressLine(job.kind, len(todo), task.unit) if progress and not verbose else None
@@ -188,16 +192,26 @@ def execute(
         flush_every_s=job.limits.commit_every_s,
         on_item=run.add if line is None else lambda rows: (run.add(rows), line.item(rows)),
     )
+    missing = todo
     try:
-        # No prefetch: Ray's iterator would hold each block until the next one arrives, so a stalled or
-        # killed run would not have committed everything that had reached the driver.
-        for batch in build_dataset(job, todo, job_id, model).iter_batches(
-            batch_format="pyarrow", batch_size=None, prefetch_batches=0
-        ):
-            rows = batch.to_pylist()
-            writer.add(rows)
-            if line is not None:
-                line.rows(rows)
+        for attempt in range(1 + job.limits.lost_item_passes):
+            if attempt:
+                log.warning(
+                    "%d item(s) lost their results (a lost node or worker); running them again (pass %d of "
+                    "at most %d)", len(missing), attempt + 1, 1 + job.limits.lost_item_passes,
+                )  # fmt: skip
+            # No prefetch: Ray's iterator would hold each block until the next one arrives, so a stalled
+            # or killed run would not have committed everything that had reached the driver.
+            for batch in build_dataset(job, missing, job_id, model).iter_batches(
+                batch_format="pyarrow", batch_size=None, prefetch_batches=0
+            ):
+                rows = batch.to_pylist()
+                writer.add(rows)
+                if line is not None:
+                    line.rows(rows)
+            missing = [it for it in missing if it.item_id not in writer.assembler.completed]
+            if not missing:
+                break
     except BaseException:
         writer.flush()  # items that arrived whole are kept; the rest is redone by the next run
         if line is not None:
@@ -205,9 +219,7 @@ def execute(
         raise
     run.repeats = writer.assembler.duplicates
     incomplete = writer.assembler.incomplete()
-    for it in todo:
-        if it.item_id in writer.assembler.completed:
-            continue
+    for it in missing:
         got = len(incomplete.get(it.item_id, []))
         lost = f"only {got} of its results came back" if got else "no result came back"
         message = f"{lost} (a worker failed on it for good, see the Ray logs); the next run redoes it"

@@ -206,6 +206,7 @@ class Resources(Strict):
         """Ranks the language model of each inference worker is sharded over."""
         return int(self.gpus_per_worker) if self.gpus_per_worker > 1 else 1
 
+
 class Limits(Strict):
     """Safety limits and failure handling: inputs beyond a limit become error rows instead of exhausting a
     worker; crashed workers are retried a bounded number of times; a killed job loses little work."""
@@ -227,6 +228,13 @@ class Limits(Strict):
         ge=0,
         description="Times a batch is retried on a restarted GPU worker after its worker died; after that "
         "its items become error rows (stage pipeline) and the next run redoes them.",
+    )
+    lost_item_passes: int = Field(
+        1,
+        ge=0,
+        description="Items whose results never all reached the driver (a node lost with their blocks, a "
+        "batch whose retries ran out) are run again, in the same job, up to this many more times before "
+        "they become error rows.",
     )
     max_pages_per_document: int = Field(
         MAX_PAGES_PER_DOCUMENT,

@@ -158,7 +158,7 @@ def test_a_batch_that_kills_every_worker_costs_its_items_not_the_job(
     for name in ("a.png", "poison.png"):
         make_image(docs / name, size=(40, 30))
     out = tmp_path / "out"
-    job = validate_job(spec(tiny_checkpoint, docs, out, infer_retries=1))
+    job = validate_job(spec(tiny_checkpoint, docs, out, infer_retries=1, lost_item_passes=0))
     monkeypatch.setenv(FAULT_INFER_EXIT_ENV, "poison.png:50")
     first = run_job(job, progress=False)
     assert len(list((out / FAULTS_DIR).glob("infer-exit-*"))) == 2  # the first attempt and one retry

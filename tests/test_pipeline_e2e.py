@@ -185,8 +185,13 @@ def test_error_items_are_redone_and_replaced(tmp_path, pipeline_corpus, ray_loca
     assert not df.duplicated(["uri", "page_index"]).any()
 
 
-def test_results_that_never_arrive_become_error_rows(tmp_path, pipeline_corpus, ray_local, monkeypatch):
-    """Ray can lose work (a dropped block, a worker gone for good): the item becomes an error row."""
+@pytest.mark.parametrize("passes", [0, 1])
+def test_results_that_never_arrive_are_run_again_then_become_error_rows(
+    tmp_path, pipeline_corpus, ray_local, monkeypatch, passes
+):
+    """Ray can lose work (a dropped block, a node gone with its blocks): the items whose results did not
+    all arrive run again in a further pass of the same job (limits.lost_item_passes); those still
+    missing after the last pass become error rows."""
     import ray.data
 
     import pipeline.driver as job_module
@@ -197,9 +202,12 @@ def test_results_that_never_arrive_become_error_rows(tmp_path, pipeline_corpus, 
         shutil.copy(
             pipeline_corpus["root"] / "docs" / ("g.png" if name.endswith("png") else "e.pdf"), docs / name
         )
-    job = validate_job({**pipeline_corpus["ocr"], "inputs": [str(docs)], "output": str(tmp_path / "out")})
+    spec = {**pipeline_corpus["ocr"], "inputs": [str(docs)], "output": str(tmp_path / "out")}
+    job = validate_job({**spec, "limits": {"lost_item_passes": passes}})
+    calls: list[set[str]] = []
 
     def fake_dataset(job, items, job_id, model):
+        calls.append({Path(it.uri).name for it in items})
         ids = {Path(it.uri).name: it.item_id for it in items}
 
         def row(name, ordinal, total=None):
@@ -214,6 +222,10 @@ def test_results_that_never_arrive_become_error_rows(tmp_path, pipeline_corpus, 
                 "generated_tokens": 1,
             }
 
+        if len(calls) > 1:  # the second pass: everything it is given comes back whole
+            return ray.data.from_items(
+                [row(n, i, 3 if i == 2 else None) for n in sorted(ids) for i in range(3)]
+            )
         # whole.png: its one page; partial.pdf: 2 of its 3 pages, the last one twice; lost.pdf: nothing.
         rows = [
             row("whole.png", 0, 1),
@@ -225,6 +237,13 @@ def test_results_that_never_arrive_become_error_rows(tmp_path, pipeline_corpus, 
 
     monkeypatch.setattr(job_module, "build_dataset", fake_dataset)
     summary = run_job(job, progress=False)
+    if passes:
+        assert calls == [{"whole.png", "partial.pdf", "lost.pdf"}, {"partial.pdf", "lost.pdf"}]
+        df = output(job)
+        assert len(df) == 7 and (df.status == "ok").all() and summary.run.errors == 0
+        assert not df.duplicated(["item_id", "page_index"]).any()
+        return
+    assert len(calls) == 1
     df = output(job).set_index("uri")
     assert len(df) == 3 and summary.run.units == 3
     assert df.loc[str(docs / "whole.png"), "status"] == "ok"
