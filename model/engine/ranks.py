@@ -224,8 +224,10 @@ class Ranks:
             return agree_min(value, self.tp)
 
     def started(self) -> None:
-        """The engine is built: from now on only steps count as busy."""
+        """The engine is built: from now on only steps count as busy. Every rank has joined, and the
+        groups are made, so the rendezvous files go now: a process that dies later leaves nothing behind."""
         self.busy = False
+        shutil.rmtree(self.store_dir, ignore_errors=True)
 
     def send_step(self, step) -> None:
         meta = (step.starts, step.num_new_tokens, step.block_tables, step.sample_rows)
