@@ -84,15 +84,22 @@ class TensorParallel:
 SINGLE = TensorParallel()
 
 
+def split_sizes(config) -> list[int]:
+    """Tensor-parallel sizes the model's shapes split into: whole heads, whole key/value heads (or one
+    each), an even share of the MLP on every rank."""
+    heads, kv, inner = config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
+    return [
+        n for n in range(1, heads + 1) if heads % n == 0 and inner % n == 0 and (kv % n == 0 or n % kv == 0)
+    ]
+
+
 def check_layout(config, size: int) -> None:
     """Refuse a tensor-parallel size the model's shapes do not split into, saying what would."""
     if size < 1:
         raise ValueError(f"tensor_parallel_size must be >= 1, got {size}")
-    heads, kv, inner = config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
-    fits = [
-        n for n in range(1, heads + 1) if heads % n == 0 and inner % n == 0 and (kv % n == 0 or n % kv == 0)
-    ]
+    fits = split_sizes(config)
     if size not in fits:
+        heads, kv, inner = config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
         raise ValueError(
             f"tensor_parallel_size={size} does not split this model ({heads} attention heads, {kv} key/value "
             f"heads, MLP {inner}): each rank needs whole heads; use one of {fits}"

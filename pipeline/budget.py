@@ -133,7 +133,7 @@ def gpu_layout(job) -> GpuLayout:
 
     from model.config import Qwen2VLConfig
     from model.engine.kv_cache import CacheShape
-    from model.parallel import TensorParallel, check_layout, rank_parameter_counts
+    from model.parallel import TensorParallel, check_layout, rank_parameter_counts, split_sizes
 
     config = Qwen2VLConfig.from_json(job.model)
     r = job.resources
@@ -152,16 +152,7 @@ def gpu_layout(job) -> GpuLayout:
             gpu_bytes, source = props.total_memory, f"this machine's {props.name}"
         if gpu_bytes is not None and r.gpus_per_worker < 1:
             gpu_bytes = int(gpu_bytes * r.gpus_per_worker)  # workers sharing a GPU each get their share
-    fits = tuple(n for n in range(1, config.num_attention_heads + 1) if _splits(config, n))
+    fits = tuple(split_sizes(config))
     context = model_context(job.model, job.max_model_len)
     return GpuLayout(str(job.model), size, weights, per_token, gpu_bytes, source, context, fits)
 
-
-def _splits(config, size: int) -> bool:
-    from model.parallel import check_layout
-
-    try:
-        check_layout(config, size)
-    except ValueError:
-        return False
-    return True
