@@ -23,8 +23,9 @@ lint: $(STAMP)
 browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 
+# Two pytest workers: most tests wait on Ray, subprocesses or sleeps, so two share the CI machine's 2 cores well.
 test: $(STAMP) lint browser
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n 2
 
 demo: $(STAMP)
 	$(PY) -m jobs.demo

@@ -172,6 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     except (JobSpecError, ValueError, FileNotFoundError) as e:
         print(f"vlbatch {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from pipeline.driver import JobStalled  # here: the driver imports torch, which `plan` never needs
+
+        if not isinstance(e, JobStalled):
+            raise
+        print(f"vlbatch {args.command}: error: {e.advice()}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt as e:
         from pipeline.driver import JobInterrupted
 

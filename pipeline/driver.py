@@ -78,6 +78,25 @@ class JobInterrupted(KeyboardInterrupt):
         self.output, self.items_done, self.items = output, items_done, items
 
 
+class JobStalled(RuntimeError):
+    """No stage took or produced a block for `limits.no_progress_timeout_s`: what is committed stays, and
+    rerunning the same job goes on from there once the cluster can run it."""
+
+    def __init__(self, timeout_s: float, stages: str):
+        super().__init__(f"no stage made progress for {timeout_s:.0f} s (limits.no_progress_timeout_s)")
+        self.timeout_s, self.stages = timeout_s, stages
+        self.output, self.items_done, self.items = "", 0, 0
+
+    def advice(self) -> str:
+        """What the user reads: what happened, what is kept, what to do."""
+        return (
+            f"{self}; {self.items_done} of {self.items} items are committed in {self.output}. A node was "
+            "probably lost and what the job needs (a GPU, a worker's CPUs) did not come back, or a worker "
+            "hangs. Run the same command again once the cluster has the resources, or raise "
+            f"limits.no_progress_timeout_s if new nodes take longer to join.{self.stages}"
+        )
+
+
 def item_error_row(item: Item, job_id: str, unit_key: str, message: str) -> dict[str, Any]:
     """The single row of an item whose results did not all come back (redone by the next run)."""
     return {
@@ -136,6 +155,8 @@ def run_job(
                 totals = manifest.end(job, out_dir, entry, status=status, error=error)
                 if interrupted:
                     raise JobInterrupted(out_dir, totals["items"], len(items)) from None
+                if isinstance(e, JobStalled):
+                    e.output, e.items_done, e.items = str(out_dir), totals["items"], len(items)
                 raise
         finished = {it.item_id for it in items} <= scan_output(out_dir, uri_key="uri").items
         status = "finished" if finished else "incomplete"
@@ -171,6 +192,7 @@ def execute(
     """Stream the dataset into the writer, counting into `run`; items whose rows did not all arrive become
     one error row."""
     from ray.data import DataContext
+    from ray.data.exceptions import ExecutionTimeoutError
 
     task = task_of(job)
     ctx = DataContext.get_current()
@@ -181,6 +203,9 @@ def execute(
     # the job: its items are missing at the end of the stream and run again in a further pass
     # (limits.lost_item_passes); those still missing become error rows, which the next run redoes.
     ctx.max_errored_blocks = -1
+    # Ray's own guard: the executor fails once no operator has taken or produced a block for this long (a
+    # restarted actor waiting for a lost node's GPU waits forever otherwise).
+    ctx.execution_no_progress_timeout_s = job.limits.no_progress_timeout_s
     run = run if run is not None else RunStats()
     line = ProgressLine(job.kind, len(todo), task.unit) if progress and not verbose else None
     writer = DatasetWriter(
@@ -202,13 +227,19 @@ def execute(
                 )  # fmt: skip
             # No prefetch: Ray's iterator would hold each block until the next one arrives, so a stalled
             # or killed run would not have committed everything that had reached the driver.
-            for batch in build_dataset(job, missing, job_id, model).iter_batches(
+            batches = build_dataset(job, missing, job_id, model).iter_batches(
                 batch_format="pyarrow", batch_size=None, prefetch_batches=0
-            ):
-                rows = batch.to_pylist()
-                writer.add(rows)
-                if line is not None:
-                    line.rows(rows)
+            )
+            try:
+                for batch in batches:
+                    rows = batch.to_pylist()
+                    writer.add(rows)
+                    if line is not None:
+                        line.rows(rows)
+            except ExecutionTimeoutError as e:
+                running = str(e).partition("Operators still running:")[2].partition("If this is expected")[0]
+                stages = f"\nStages still running:{running.rstrip()}" if running.strip() else ""
+                raise JobStalled(job.limits.no_progress_timeout_s, stages) from None
             missing = [it for it in missing if it.item_id not in writer.assembler.completed]
             if not missing:
                 break

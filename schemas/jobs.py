@@ -236,6 +236,14 @@ class Limits(Strict):
         "batch whose retries ran out) are run again, in the same job, up to this many more times before "
         "they become error rows.",
     )
+    no_progress_timeout_s: float = Field(
+        900.0,
+        gt=0.0,
+        description="Seconds the job may go without any stage taking or producing a block (a lost node whose "
+        "resources never return, a hung worker) before it stops with an error; what was written is kept and "
+        "a rerun goes on from there. It must exceed the GPU stage's model load and the time a new node "
+        "takes to join.",
+    )
     max_pages_per_document: int = Field(
         MAX_PAGES_PER_DOCUMENT,
         ge=1,

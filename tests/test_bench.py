@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -51,3 +52,12 @@ def test_pipeline_bench_measures_every_variant(tmp_path):
     ):
         assert line in out
     assert out.count("ratio to raw") == 6  # decoder and stage, for documents and both video sizes
+
+
+def test_scale_bench_runs_a_job_and_its_resume_scan(tmp_path):
+    out = run_script(
+        "bench/scale.py", "--items", "30", "--root", str(tmp_path), "--json", str(tmp_path / "f.json")
+    )
+    assert "30 items:" in out and "items/s" in out and "bytes/item" in out
+    (run,) = json.loads((tmp_path / "f.json").read_text())["runs"]
+    assert run["items"] == 30 and run["driver_peak_rss_mib"] > 0 and run["resume_scan_s"] >= 0

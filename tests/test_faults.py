@@ -331,3 +331,38 @@ def test_a_job_killed_halfway_is_finished_by_the_same_command(tmp_path, tiny_che
     assert set(df[df.item_id.isin(committed)].job_id) == {killed["job_id"]}
     assert set(df[~df.item_id.isin(committed)].job_id) == {run["job_id"]}
     assert all(re.fullmatch(r"part-[0-9a-f]{24}\.parquet", p.name) for p in part_files(out))
+
+
+def test_a_stage_that_can_never_start_stops_the_job_at_the_no_progress_bound(
+    tmp_path, tiny_checkpoint, ray_local, monkeypatch
+):
+    """A GPU stage waiting for resources that never come (its node lost, no other has a GPU) ends the job
+    after limits.no_progress_timeout_s with what to do; once they are there, the same job finishes."""
+    import pipeline.chain
+    from pipeline.driver import JobStalled
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(3):
+        make_image(docs / f"p{i}.png", size=(40, 30), index=i)
+    out = tmp_path / "out"
+    job = validate_job(spec(tiny_checkpoint, docs, out, no_progress_timeout_s=5))
+    # A GPU the session's Ray does not have: the stage's actor can never be placed.
+    monkeypatch.setattr(pipeline.chain, "gpus_per_infer_worker", lambda job: 1.0)
+    started = time.monotonic()
+    with pytest.raises(JobStalled) as stalled:
+        run_job(job, progress=False)
+    assert time.monotonic() - started < 120
+    advice = stalled.value.advice()
+    assert "no stage made progress for 5 s (limits.no_progress_timeout_s)" in advice
+    assert f"0 of 3 items are committed in {out}" in advice and "Run the same command again" in advice
+    assert "Infer" in advice  # the stage that waits is named
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["status"] == manifest["runs"][-1]["status"] == "failed"
+    assert "limits.no_progress_timeout_s" in manifest["error"]
+    monkeypatch.undo()
+    # The default bound: 5 s without a moving block is shorter than the GPU stage's model load here.
+    summary = run_job(validate_job(spec(tiny_checkpoint, docs, out)), progress=False)
+    rows = rows_by_name(out)
+    assert summary.finished and sorted(rows) == ["p0.png", "p1.png", "p2.png"]
+    assert all((g.status == "ok").all() for g in rows.values())
