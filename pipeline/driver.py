@@ -82,10 +82,10 @@ class JobStalled(RuntimeError):
     """No stage took or produced a block for `limits.no_progress_timeout_s`: what is committed stays, and
     rerunning the same job goes on from there once the cluster can run it."""
 
-    def __init__(self, timeout_s: float, stages: str):
+    def __init__(self, timeout_s: float, stages: str, output: str = "", items_done: int = 0, items: int = 0):
         super().__init__(f"no stage made progress for {timeout_s:.0f} s (limits.no_progress_timeout_s)")
         self.timeout_s, self.stages = timeout_s, stages
-        self.output, self.items_done, self.items = "", 0, 0
+        self.output, self.items_done, self.items = output, items_done, items
 
     def advice(self) -> str:
         """What the user reads: what happened, what is kept, what to do."""
@@ -93,7 +93,8 @@ class JobStalled(RuntimeError):
             f"{self}; {self.items_done} of {self.items} items are committed in {self.output}. A node was "
             "probably lost and what the job needs (a GPU, a worker's CPUs) did not come back, or a worker "
             "hangs. Run the same command again once the cluster has the resources, or raise "
-            f"limits.no_progress_timeout_s if new nodes take longer to join.{self.stages}"
+            "limits.no_progress_timeout_s if loading the model on the GPU stage or a new node joining takes "
+            f"longer than that.{self.stages}"
         )
 
 
@@ -155,8 +156,9 @@ def run_job(
                 totals = manifest.end(job, out_dir, entry, status=status, error=error)
                 if interrupted:
                     raise JobInterrupted(out_dir, totals["items"], len(items)) from None
-                if isinstance(e, JobStalled):
-                    e.output, e.items_done, e.items = str(out_dir), totals["items"], len(items)
+                if isinstance(e, JobStalled):  # raised again with what the run committed, as Ctrl-C is
+                    done = totals["items"]
+                    raise JobStalled(e.timeout_s, e.stages, str(out_dir), done, len(items)) from None
                 raise
         finished = {it.item_id for it in items} <= scan_output(out_dir, uri_key="uri").items
         status = "finished" if finished else "incomplete"
