@@ -6,6 +6,7 @@ Also the entrypoint of submitted jobs: `python -m jobs.run --spec TOKEN` (see jo
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 import sys
@@ -16,10 +17,12 @@ CONNECT_TIMEOUT_S = 5.0
 
 
 def local_cpus(job: CaptionVideosJob | OcrDocumentsJob) -> int:
-    """Logical CPUs for a local Ray: at least what the job's actor pools ask for, so they cannot starve."""
+    """Logical CPUs for a local Ray: at least what all the job's stages ask for at once, so none starves."""
+    from pipeline.chain import cpus_beside_infer
+
     r = job.resources
-    wanted = r.decode_workers * r.cpus_per_decode_worker + r.gpu_workers * (r.cpus_per_gpu_worker or 1) + 2
-    return max(os.cpu_count() or 1, int(wanted + 0.999))
+    wanted = cpus_beside_infer(job) + r.gpu_workers * (r.cpus_per_gpu_worker or 1)
+    return max(os.cpu_count() or 1, math.ceil(wanted))
 
 
 def loopback_only() -> None:

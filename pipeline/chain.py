@@ -28,7 +28,11 @@ PACK_WINDOW_ROWS = 64  # rows the packer sees at once: enough to fill packs, few
 # Ray Data keeps a few KiB of bookkeeping per block in the driver; capping the blocks caps that memory
 # (beyond the cap, blocks hold several items).
 MAX_INPUT_BLOCKS = 20_000
-LIGHT_CPUS = 0.5  # the pack and postprocess tasks, a quarter of a CPU each
+# The pack stage asks for what the one-pack-per-block repartition after it takes (Ray gives that no CPU
+# setting: one CPU), so Ray fuses the two into one task; with less, the repartition ran as a stage of its own
+# whose CPU nobody counted, and where the actor pools held every CPU, finished packs waited for it.
+PACK_CPUS = 1.0
+POSTPROCESS_CPUS = 0.25
 
 
 def gpus_per_infer_worker(job: JobBase) -> float:
@@ -43,6 +47,15 @@ def gpus_per_infer_worker(job: JobBase) -> float:
     return job.resources.gpus_per_worker if cluster_gpus > 0 else 0.0
 
 
+def cpus_beside_infer(job: JobBase) -> float:
+    """CPUs the other stages hold at most at once: the decode pool, the prepare pool at its largest (it
+    grows to decode_workers actors), one pack task and one postprocess task."""
+    r = job.resources
+    return r.decode_workers * (r.cpus_per_decode_worker + min(1.0, r.cpus_per_decode_worker)) + (
+        PACK_CPUS + POSTPROCESS_CPUS
+    )
+
+
 def infer_cpus(job: JobBase, num_gpus: float) -> float:
     """CPUs of each inference actor: the spec's, else 0.5 beside a GPU; on a CPU-only cluster what the
     decode workers, the prepare pool and the light stages leave (the actor computes on them)."""
@@ -53,10 +66,8 @@ def infer_cpus(job: JobBase, num_gpus: float) -> float:
         return r.cpus_per_gpu_worker
     if num_gpus > 0:
         return 0.5
-    # The prepare pool grows to decode_workers actors: count it at that size, or the pools can fill the
-    # cluster to the last CPU and the light pack/postprocess tasks never start.
-    others = r.decode_workers * (r.cpus_per_decode_worker + min(1.0, r.cpus_per_decode_worker)) + LIGHT_CPUS
-    left = ray.cluster_resources().get("CPU", 1.0) - others
+    # Counting the other stages at their largest keeps the pools from taking the CPUs the light tasks need.
+    left = ray.cluster_resources().get("CPU", 1.0) - cpus_beside_infer(job)
     # Never more than this node's cores: logical CPUs beyond them add no compute, and an actor holding
     # them all starves the next run's pools while a restarted worker of this one is still shutting down.
     return max(1.0, min(math.floor(left / r.gpu_workers * 4) / 4, float(os.cpu_count() or 1)))
@@ -111,7 +122,7 @@ def build_dataset(job: JobBase, items: list[Item], job_id: str, model: tuple[str
         fn_kwargs={"max_pack_tokens": r.max_pack_tokens},
         batch_size=PACK_WINDOW_ROWS,
         batch_format="pyarrow",
-        num_cpus=LIGHT_CPUS / 2,
+        num_cpus=PACK_CPUS,
     )
     # One pack per block: an actor task takes one block and calls the stage on its batches one after the
     # other, so packs sharing a block could never be in flight on a worker at once.
@@ -149,4 +160,4 @@ def build_dataset(job: JobBase, items: list[Item], job_id: str, model: tuple[str
             max_restarts=-1,
             max_task_retries=job.limits.infer_retries,
         )
-    return ds.map_batches(Postprocess(job, *model), batch_format="pyarrow", num_cpus=LIGHT_CPUS / 2)
+    return ds.map_batches(Postprocess(job, *model), batch_format="pyarrow", num_cpus=POSTPROCESS_CPUS)
