@@ -23,9 +23,10 @@ lint: $(STAMP)
 browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 
-# Two pytest workers: most tests wait on Ray, subprocesses or sleeps, so two share the CI machine's 2 cores well.
+# Two pytest workers share the CI machine's 2 cores; each takes whole files (loadfile), so a module's fixtures
+# (a faulty run, generated media, a job run once for many tests) are built once, not once per worker.
 test: $(STAMP) lint browser
-	$(VENV)/bin/pytest -q -n 2
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile --durations=25
 
 demo: $(STAMP)
 	$(PY) -m jobs.demo
