@@ -78,22 +78,32 @@ def rss_kib(pid: int, field: str) -> int:
 
 
 def run_driver(spec_path: Path) -> dict:
-    """`vlbatch run` in a fresh process: its wall time, exit status and the driver's peak RSS."""
+    """`vlbatch run` in a fresh process: its wall time, exit status and the driver's peak memory: all of it
+    (VmHWM), and apart its private memory (RssAnon) and the shared pages it touched (RssShmem: Ray's
+    object store, mapped into the driver)."""
     cmd = [str(Path(sys.executable).parent / "vlbatch"), "run", str(spec_path), "--no-progress"]
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = 0
+    peak = {"VmHWM": 0, "RssAnon": 0, "RssShmem": 0}
     while proc.poll() is None:
-        try:
-            peak = max(peak, rss_kib(proc.pid, "VmHWM"))
-        except (OSError, ValueError):
-            pass
+        for field in peak:
+            try:
+                peak[field] = max(peak[field], rss_kib(proc.pid, field))
+            except (OSError, ValueError):
+                pass
         time.sleep(0.2)
     wall = time.perf_counter() - started
     out, err = proc.communicate()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}:\n{out[-2000:]}\n{err[-4000:]}")
-    return {"wall_s": round(wall, 2), "driver_peak_rss_mib": round(peak / 1024, 1), "line": out.strip()}
+    mib = {field: round(kib / 1024, 1) for field, kib in peak.items()}
+    return {
+        "wall_s": round(wall, 2),
+        "driver_peak_rss_mib": mib["VmHWM"],
+        "driver_peak_private_mib": mib["RssAnon"],
+        "driver_peak_shared_mib": mib["RssShmem"],
+        "line": out.strip(),
+    }
 
 
 def in_process(inputs: Path, out: Path) -> dict:
@@ -145,6 +155,8 @@ def measure(root: Path, model: Path, n: int) -> dict:
         "wall_s": first["wall_s"],
         "items_per_s": round(n / first["wall_s"], 1),
         "driver_peak_rss_mib": first["driver_peak_rss_mib"],
+        "driver_peak_private_mib": first["driver_peak_private_mib"],
+        "driver_peak_shared_mib": first["driver_peak_shared_mib"],
         "rerun_wall_s": rerun["wall_s"],
         "rerun_driver_peak_rss_mib": rerun["driver_peak_rss_mib"],
         **in_process(inputs, out),
@@ -164,7 +176,8 @@ def main() -> int:
     rows = [measure(root, model, n) for n in sorted(args.items)]
     lines = [
         f"{r['items']:>7,} items: {r['items_per_s']:.1f} items/s ({r['wall_s']:.0f} s), driver peak RSS "
-        f"{r['driver_peak_rss_mib']:.0f} MiB; rerun over the finished output {r['rerun_wall_s']:.1f} s "
+        f"{r['driver_peak_rss_mib']:.0f} MiB (private {r['driver_peak_private_mib']:.0f}, object store pages "
+        f"{r['driver_peak_shared_mib']:.0f}); rerun over the finished output {r['rerun_wall_s']:.1f} s "
         f"(scan {r['resume_scan_s']:.2f} s); driver state {r['bytes_per_item']} bytes/item"
         for r in rows
     ]
