@@ -136,7 +136,6 @@ def in_process(inputs: Path, out: Path) -> dict:
         "from_items_rows_mib": mib(after_rows - after_items),
         "resume_scan_s": round(scan_s, 2),
         "resume_scan_mib": mib(after_scan - before_scan),
-        "bytes_per_item": round(((after_items - base) + (after_scan - before_scan)) * 1024 / n),
     }
 
 
@@ -178,14 +177,19 @@ def main() -> int:
         f"{r['items']:>7,} items: {r['items_per_s']:.1f} items/s ({r['wall_s']:.0f} s), driver peak RSS "
         f"{r['driver_peak_rss_mib']:.0f} MiB (private {r['driver_peak_private_mib']:.0f}, object store pages "
         f"{r['driver_peak_shared_mib']:.0f}); rerun over the finished output {r['rerun_wall_s']:.1f} s "
-        f"(scan {r['resume_scan_s']:.2f} s); driver state {r['bytes_per_item']} bytes/item"
+        f"(scan {r['resume_scan_s']:.2f} s); item list {r['items_mib']:.0f} MiB, scan "
+        f"{r['resume_scan_mib']:.0f} MiB"
         for r in rows
     ]
     if len(rows) > 1:
+        # Per item by difference between the smallest and the largest run: what is fixed cancels out.
         a, b = rows[0], rows[-1]
+        per_item = lambda key: (b[key] - a[key]) * 2**20 / (b["items"] - a["items"])
         lines.append(
             f"peak RSS x{b['driver_peak_rss_mib'] / a['driver_peak_rss_mib']:.2f} for "
-            f"x{b['items'] / a['items']:.0f} items"
+            f"x{b['items'] / a['items']:.0f} items; the driver's private memory grows by "
+            f"{per_item('driver_peak_private_mib'):.0f} bytes per item, of which the item list "
+            f"{per_item('items_mib'):.0f} and Ray Data's input rows {per_item('from_items_rows_mib'):.0f}"
         )
     report("\n".join(lines), {"runs": rows}, args.json)
     return 0

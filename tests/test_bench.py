@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -54,6 +56,7 @@ def test_pipeline_bench_measures_every_variant(tmp_path):
     assert out.count("ratio to raw") == 6  # decoder and stage, for documents and both video sizes
 
 
+@pytest.mark.slow
 def test_scale_bench_runs_a_job_and_its_resume_scan(tmp_path):
     out = run_script(
         "bench/scale.py", "--items", "30", "--root", str(tmp_path), "--json", str(tmp_path / "f.json")

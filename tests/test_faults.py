@@ -243,6 +243,7 @@ def alive(process) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_a_job_killed_halfway_is_finished_by_the_same_command(tmp_path, tiny_checkpoint):
     """`vlbatch run job.yaml` on its own local Ray is SIGKILLed after some files are committed; the same
     command then does only what is missing, and never reads what the killed run left half-written."""
