@@ -61,6 +61,6 @@ def test_scale_bench_runs_a_job_and_its_resume_scan(tmp_path):
     out = run_script(
         "bench/scale.py", "--items", "30", "--root", str(tmp_path), "--json", str(tmp_path / "f.json")
     )
-    assert "30 items:" in out and "items/s" in out and "bytes/item" in out
+    assert "30 items:" in out and "items/s" in out and "item list" in out
     (run,) = json.loads((tmp_path / "f.json").read_text())["runs"]
     assert run["items"] == 30 and run["driver_peak_rss_mib"] > 0 and run["resume_scan_s"] >= 0
