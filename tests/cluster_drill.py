@@ -32,9 +32,9 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 LOOPBACK = re.compile(r"^(127\.0\.0\.1|\[::ffff:127\.0\.0\.1\]|\[::1\]|::1):\d+$")
 # Either worker node alone holds every stage of a drill's job (pipeline.chain.cpus_beside_infer and the
-# GPU-stage actor's two, see infer_cpus): a lost node's actors come back on the other whatever it already
-# runs. With 3 CPUs a worker could not take a restarted GPU-stage actor beside the CPU actors that had landed
-# on it, and the job waited out the no-progress bound.
+# GPU-stage actor's two, test_node_loss.RESOURCES): a lost node's actors come back on the other whatever it
+# already runs. With 3 CPUs a worker could not take a restarted GPU-stage actor beside the CPU actors that
+# had landed on it, and the job waited out the no-progress bound.
 NODE_CPUS = {"head": 1, "w1": 6, "w2": 6}
 # Fixed ports, below the ephemeral range where Ray and the kernel pick theirs: the namespace is ours alone,
 # and a port found free and bound later can be taken in between.

@@ -65,8 +65,10 @@ def assert_every_unit_once(out: dict, output: Path, units: int, key: str) -> Non
     assert len(df) == units and (df.status == "ok").all(), df[["uri", "status", "error_message"]]
 
 
+# The GPU-stage actor's CPUs are pinned: left to infer_cpus they grow with the machine's cores, and on more
+# than 2 a restarted actor would no longer fit beside the CPU stages on the surviving node (NODE_CPUS).
 RESOURCES = {"decode_workers": 2, "cpus_per_decode_worker": 0.5, "gpu_workers": 1, "gpus_per_worker": 0,
-             "max_batch_tokens": 200}  # fmt: skip
+             "cpus_per_gpu_worker": 2, "max_batch_tokens": 200}  # fmt: skip
 LIMITS = {"commit_every_s": 1, "rows_per_file": 3}  # commits early and often: the loss comes mid-job
 
 
