@@ -23,13 +23,12 @@ lint: $(STAMP)
 browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 
-# Two pytest workers share the CI machine's 2 cores for the tests that run in one Ray; each worker takes whole
-# files (loadfile), so a module's fixtures are built once. The slow ones (their own clusters, killed jobs,
-# wall-time bounds) run after, one at a time: beside another worker's Ray, Ray's fixed 30 s for a node to
-# register ran out and a drill overran its bound.
+# Two pytest workers share the CI machine's 2 cores; each takes whole files (loadfile), so a module's fixtures
+# are built once. The files with slow tests (their own clusters, killed jobs) are handed out first
+# (tests/conftest.py) and the short ones fill in beside them: run one after the other, the slow ones left a
+# core idle a third of the time, waiting on Ray.
 test: $(STAMP) lint browser
-	$(VENV)/bin/pytest -q -n 2 --dist loadfile -m "not slow" --durations=15
-	$(VENV)/bin/pytest -q -m slow --durations=25
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile --durations=30
 
 demo: $(STAMP)
 	$(PY) -m jobs.demo

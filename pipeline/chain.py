@@ -25,9 +25,13 @@ from pipeline.tasks import task_of
 from schemas import JobBase
 
 PACK_WINDOW_ROWS = 64  # rows the packer sees at once: enough to fill packs, few enough to bound memory
-# Ray Data keeps a few KiB of bookkeeping per block in the driver; capping the blocks caps that memory
-# (beyond the cap, blocks hold several items).
-MAX_INPUT_BLOCKS = 20_000
+# Ray Data keeps bookkeeping per block in the driver until the dataset ends (each operator's stats of every
+# block it produced, the input blocks themselves): a job of one block per item grew by KiBs per item. Past
+# this many items a block holds several, so the driver holds what it holds for this many blocks.
+MAX_INPUT_BLOCKS = 1000
+# ...and more where there are many decode workers: the last block is the job's tail, which one worker decodes
+# while the others have nothing left; with this many blocks per worker it stays a small part of the job.
+INPUT_BLOCKS_PER_DECODE_WORKER = 50
 # The pack stage asks for what the one-pack-per-block repartition after it takes (Ray gives that no CPU
 # setting: one CPU), so Ray fuses the two into one task; with less, the repartition ran as a stage of its own
 # whose CPU nobody counted, and where the actor pools held every CPU, finished packs waited for it.
@@ -73,6 +77,11 @@ def infer_cpus(job: JobBase, num_gpus: float) -> float:
     return max(1.0, min(math.floor(left / r.gpu_workers * 4) / 4, float(os.cpu_count() or 1)))
 
 
+def input_blocks(items: int, decode_workers: int) -> int:
+    """Blocks of the job's item list: one per item, up to a cap that keeps the driver's bookkeeping small."""
+    return max(1, min(items, max(MAX_INPUT_BLOCKS, INPUT_BLOCKS_PER_DECODE_WORKER * decode_workers)))
+
+
 def packs_in_flight(n: int) -> dict[str, Any]:
     """Actor-pool settings for `n` packs at once per inference worker, each call in a thread of its own."""
     if n == 1:
@@ -94,7 +103,7 @@ def build_dataset(job: JobBase, items: list[Item], job_id: str, model: tuple[str
     num_gpus = gpus_per_infer_worker(job)
     device = job.device if job.device != "auto" else ("cuda" if num_gpus > 0 else "cpu")
     # One item per input block (up to a cap) so the decode pool balances items, not block-sized chunks.
-    blocks = max(1, min(len(items), MAX_INPUT_BLOCKS))
+    blocks = input_blocks(len(items), r.decode_workers)
     ds = ray.data.from_items([asdict(it) for it in items], override_num_blocks=blocks)
     ds = ds.map_batches(
         DecodeUnits,

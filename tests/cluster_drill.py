@@ -1,18 +1,22 @@
-"""A three-node Ray cluster on this machine (a head and two workers), a job on it, and something lost mid-job.
+"""A three-node Ray cluster on this machine (a head and two workers) and drills on it, one after the other: a
+job, and something lost mid-job. After a drill that lost a node, a new worker node takes its place, so every
+drill starts on three nodes; one cluster for all of them spares its start-up per drill.
 
 Run it inside a network namespace of its own, where loopback is the only interface:
 
-    unshare -n sh -c 'ip link set lo up && exec python tests/cluster_drill.py drill.json result.json'
+    unshare -n sh -c 'ip link set lo up && exec python tests/cluster_drill.py drills.json results.json'
 
 A multi-node Ray needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1, and with it Ray listens on every interface it
 sees and advertises the machine's address whatever --node-ip-address says; in the namespace there is only
 loopback to see. The drill still lists every listening socket (`ss -ltn`) before the job and goes no further
 if one is not on loopback.
 
-drill.json: {"job": job.yaml, "kill": "worker" | "infer" | "driver" | "none", "after_files": 1,
-"timeout_s": 300}. "worker" loses node w1, "infer" the node hosting the GPU-stage actor, "driver" SIGKILLs
-the driver of a job submitted through the Jobs API and submits the same job again.
-result.json: the listeners, what was killed and when, the exit status, wall time and the driver's output.
+drills.json: {"drills": {NAME: {"job": job.yaml, "kill": "worker" | "infer" | "driver" | "none",
+"after_files": 1, "timeout_s": 300}, ...}}. "worker" loses a worker node, "infer" the node hosting the
+GPU-stage actor, "driver" SIGKILLs the driver of a job submitted through the Jobs API and submits the same job
+again.
+results.json: {NAME: result}; a result holds the listeners, what was killed and when, the exit status, wall
+time and the driver's output.
 """
 
 from __future__ import annotations
@@ -35,13 +39,15 @@ LOOPBACK = re.compile(r"^(127\.0\.0\.1|\[::ffff:127\.0\.0\.1\]|\[::1\]|::1):\d+$
 # GPU-stage actor's two, test_node_loss.RESOURCES): a lost node's actors come back on the other whatever it
 # already runs. With 3 CPUs a worker could not take a restarted GPU-stage actor beside the CPU actors that
 # had landed on it, and the job waited out the no-progress bound.
-NODE_CPUS = {"head": 1, "w1": 6, "w2": 6}
+HEAD_CPUS, WORKER_CPUS = 1, 6
 # Fixed ports, below the ephemeral range where Ray and the kernel pick theirs: the namespace is ours alone,
 # and a port found free and bound later can be taken in between.
 GCS_PORT = 20000
 CLIENT_PORT = 20001
 DASHBOARD_PORT = 20002
-NODE_PORTS = {"head": 21000, "w1": 22000, "w2": 23000}  # each node's own ports, and its workers' range
+# Each node's own ports and its workers' range: the head's, then one block per worker node ever started
+# (a replacement gets a block of its own: the lost node's sockets may linger).
+FIRST_NODE_PORT, NODE_PORT_BLOCK = 21000, 1000
 PORT_FLAGS = (  # every port of a node its own: the three nodes share one address
     "--node-manager-port",
     "--object-manager-port",
@@ -50,6 +56,10 @@ PORT_FLAGS = (  # every port of a node its own: the three nodes share one addres
     "--dashboard-agent-grpc-port",
     "--runtime-env-agent-port",
 )
+
+
+class NodeDidNotStart(RuntimeError):
+    """A node's `ray start` exited before the node joined."""
 
 
 class Cluster:
@@ -65,10 +75,20 @@ class Cluster:
             RAY_AUTH_MODE="token",
             RAY_AUTH_TOKEN_PATH=str(token),
             RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+            # The head declares a lost node dead after three missed health checks a second apart, not five
+            # three seconds apart: the drills time the job's recovery, not Ray's wait before it starts.
+            RAY_health_check_period_ms="1000",
+            RAY_health_check_failure_threshold="3",
         )
         self.address = f"127.0.0.1:{GCS_PORT}"
         self.jobs_api = f"http://127.0.0.1:{DASHBOARD_PORT}" if dashboard else None
-        self.nodes: dict[str, subprocess.Popen] = {}
+        self.nodes: dict[str, subprocess.Popen] = {}  # every node started, lost ones included
+        self.lost: set[str] = set()
+
+    @property
+    def workers(self) -> list[str]:
+        """The worker nodes alive, oldest first."""
+        return [name for name in self.nodes if name != "head" and name not in self.lost]
 
     def start(self) -> None:
         head = ["--head", "--port", str(GCS_PORT), "--temp-dir", self.temp]
@@ -78,16 +98,30 @@ class Cluster:
             head += ["--dashboard-port", str(DASHBOARD_PORT)]
         else:
             head += ["--include-dashboard", "false"]
-        self._start("head", head)
+        self._start("head", head, HEAD_CPUS)
         self._wait_nodes(1)
+        self.add_workers()
+
+    def add_workers(self) -> None:
+        """Worker nodes until two are alive: after a loss, once the head has seen the lost node go."""
+        self._wait_nodes(1 + len(self.workers))
         # One at a time: worker nodes started together share the head's session directory and their
         # raylets abort on "bind: Address already in use".
-        for i, name in enumerate(("w1", "w2")):
-            self._start(name, ["--address", self.address])
-            self._wait_nodes(2 + i)
+        for _ in range(4):
+            if len(self.workers) >= 2:
+                break
+            name = f"w{len(self.nodes)}"
+            self._start(name, ["--address", self.address], WORKER_CPUS)
+            try:
+                self._wait_nodes(1 + len(self.workers), starting=name)
+            except NodeDidNotStart:
+                # On a loaded machine a raylet can miss Ray's fixed 30 s to register: another node instead.
+                self.lost.add(name)
+        if len(self.workers) < 2:
+            raise RuntimeError(f"worker nodes did not start:\n{self.logs()}")
 
-    def _start(self, name: str, extra: list[str]) -> None:
-        base = NODE_PORTS[name]
+    def _start(self, name: str, extra: list[str], cpus: int) -> None:
+        base = FIRST_NODE_PORT + NODE_PORT_BLOCK * len(self.nodes)
         cmd = [
             str(BIN / "ray"),
             "start",
@@ -96,7 +130,7 @@ class Cluster:
             "127.0.0.1",
             "--disable-usage-stats",
         ]
-        cmd += [*extra, "--num-cpus", str(NODE_CPUS[name])]
+        cmd += [*extra, "--num-cpus", str(cpus)]
         cmd += ["--min-worker-port", str(base + 100), "--max-worker-port", str(base + 999)]
         for i, flag in enumerate(PORT_FLAGS):
             cmd += [flag, str(base + i)]
@@ -105,8 +139,9 @@ class Cluster:
             cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
 
-    def _wait_nodes(self, count: int, timeout_s: float = 180) -> None:
-        """Until `count` nodes are alive: Ray Data sizes its budget from the nodes it sees when it starts."""
+    def _wait_nodes(self, count: int, timeout_s: float = 180, starting: str | None = None) -> None:
+        """Until exactly `count` nodes are alive: Ray Data sizes its budget from the nodes it sees when it
+        starts, and a lost node counts until the head has noticed. NodeDidNotStart if `starting` exits."""
         probe = (
             "import ray; ray.init(address='auto', logging_level='ERROR'); "
             "print(sum(n['Alive'] for n in ray.nodes()))"
@@ -119,6 +154,8 @@ class Cluster:
             )  # fmt: skip
             if done.returncode == 0 and done.stdout.strip().splitlines()[-1:] == [str(count)]:
                 return
+            if starting is not None and self.nodes[starting].poll() is not None:
+                raise NodeDidNotStart(starting)
             time.sleep(1)
         raise RuntimeError(f"the cluster did not reach {count} nodes:\n{self.logs()}")
 
@@ -139,12 +176,16 @@ class Cluster:
     def kill(self, name: str) -> None:
         """The node's raylet, its workers and agents, all at once: a lost machine."""
         os.killpg(self.nodes[name].pid, signal.SIGKILL)
+        self.nodes[name].wait()
+        self.lost.add(name)
 
     def stop(self) -> None:
         for p in self.nodes.values():
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)  # --block tears down what it started
         for p in self.nodes.values():
+            if p.poll() is not None:
+                continue
             try:
                 p.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -209,11 +250,11 @@ def run_and_lose_a_node(cluster: Cluster, spec: dict, out: Path, result: dict) -
         )  # fmt: skip
     if spec["kill"] != "none":
         wait_for_output(out, spec.get("after_files", 1), lambda: driver.poll() is None)
-        victim = "w1"
+        victim = cluster.workers[0]
         if spec["kill"] == "infer":
             hosts = [cluster.node_of(pid) for pid in processes_matching(b"MapBatches(Infer)")]
             result["infer_hosts"] = hosts
-            victim = next((h for h in hosts if h and h != "head"), None) or "w1"
+            victim = next((h for h in hosts if h and h != "head"), None) or victim
         if driver.poll() is None:
             cluster.kill(victim)
             result["killed"] = {"node": victim, "after_s": time.monotonic() - started}
@@ -261,32 +302,50 @@ def submit_kill_and_resubmit(cluster: Cluster, spec: dict, out: Path, result: di
     result["wall_s"] = time.monotonic() - started
 
 
-def drill(spec: dict) -> dict:
+def drill(cluster: Cluster, spec: dict) -> dict:
+    """One drill on the cluster, which it leaves with two worker nodes again."""
     import yaml
 
     out = Path(yaml.safe_load(Path(spec["job"]).read_text())["output"])
-    cluster = Cluster(dashboard=spec["kill"] == "driver")
-    result: dict = {"killed": None}
+    result: dict = {"killed": None, "listeners": listeners()}
+    result["not_loopback"] = [a for a in result["listeners"] if not LOOPBACK.match(a)]
+    if result["not_loopback"]:
+        return result
     try:
-        cluster.start()
-        result["listeners"] = listeners()
-        result["not_loopback"] = [a for a in result["listeners"] if not LOOPBACK.match(a)]
-        if result["not_loopback"]:
-            return result
         if spec["kill"] == "driver":
             submit_kill_and_resubmit(cluster, spec, out, result)
         else:
             run_and_lose_a_node(cluster, spec, out, result)
+        cluster.add_workers()
     except Exception as e:
         result["error"] = f"{type(e).__name__}: {e}"
+    if result.get("error") or result.get("timed_out"):
+        result["node_logs"] = cluster.logs()
+    return result
+
+
+def drills(spec: dict) -> dict:
+    """Every drill of `spec`, in order, on one cluster; a drill that leaves it broken fails those after."""
+    dashboard = any(d["kill"] == "driver" for d in spec["drills"].values())
+    cluster = Cluster(dashboard=dashboard)
+    results: dict = {}
+    try:
+        cluster.start()
+        for name, one in spec["drills"].items():
+            results[name] = drill(cluster, one)
+            if results[name].get("error"):
+                break
+    except Exception as e:
+        results["error"] = f"{type(e).__name__}: {e}\n{cluster.logs()}"
     finally:
         cluster.stop()
-        result["node_logs"] = cluster.logs() if result.get("error") or result.get("timed_out") else ""
         if not os.environ.get("DRILL_KEEP"):
             shutil.rmtree(cluster.temp, ignore_errors=True)
-    return result
+    for name in spec["drills"]:
+        results.setdefault(name, {"error": "not run: " + (results.get("error") or "an earlier drill failed")})
+    return results
 
 
 if __name__ == "__main__":
     spec = json.loads(Path(sys.argv[1]).read_text())
-    Path(sys.argv[2]).write_text(json.dumps(drill(spec), indent=2))
+    Path(sys.argv[2]).write_text(json.dumps(drills(spec), indent=2))

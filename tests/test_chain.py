@@ -61,3 +61,12 @@ def test_every_stage_gets_its_cpus_at_once_in_a_local_ray(resources, tiny_checkp
         "MapBatches(Infer)",
         "MapBatches(Postprocess)",
     ]
+
+
+def test_input_blocks_are_one_per_item_up_to_a_cap_that_grows_with_the_decode_workers():
+    from pipeline.chain import INPUT_BLOCKS_PER_DECODE_WORKER, MAX_INPUT_BLOCKS, input_blocks
+
+    assert [input_blocks(n, 2) for n in (0, 1, 7, MAX_INPUT_BLOCKS)] == [1, 1, 7, MAX_INPUT_BLOCKS]
+    assert input_blocks(100_000, 2) == MAX_INPUT_BLOCKS  # the driver's per-block bookkeeping stays bounded
+    many = 2 * MAX_INPUT_BLOCKS // INPUT_BLOCKS_PER_DECODE_WORKER
+    assert input_blocks(100_000, many) == INPUT_BLOCKS_PER_DECODE_WORKER * many  # the tail stays small
