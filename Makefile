@@ -23,12 +23,13 @@ lint: $(STAMP)
 browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 
-# Two pytest workers share the CI machine's 2 cores; each takes whole files (loadfile), so a module's fixtures
-# are built once. The files with slow tests (their own clusters, killed jobs) are handed out first
-# (tests/conftest.py) and the short ones fill in beside them: run one after the other, the slow ones left a
-# core idle a third of the time, waiting on Ray.
+# The tests marked alone (a three-node cluster's drills) run first with nothing beside them: next to another
+# test's Ray, the cluster took minutes to start a job. Then two pytest workers share the CI machine's 2 cores;
+# each takes whole files (loadfile), so a module's fixtures are built once, and the files with slow tests
+# (killed jobs, soak) are handed out first (tests/conftest.py) with the short ones filling in beside them.
 test: $(STAMP) lint browser
-	$(VENV)/bin/pytest -q -n 2 --dist loadfile --durations=30
+	$(VENV)/bin/pytest -q -m alone --durations=5
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile -m "not alone" --durations=30
 
 demo: $(STAMP)
 	$(PY) -m jobs.demo

@@ -9,8 +9,9 @@ command again over the finished output (the resume scan: it finds every item don
 
 In this process, for each count: the memory and time of expanding the inputs (the item list the driver
 holds), of the rows Ray Data's `from_items` takes, and of scanning the finished output for resume. The
-per-item figures are what the driver grows with; everything else it holds is bounded (input blocks capped by
-`pipeline.chain.input_blocks`, rows buffered up to `limits.rows_per_file`).
+per-item figures are what the driver grows with; besides them it holds Ray Data's stats of each block every
+stage produced until the dataset ends: bounded on the input side (`pipeline.chain.input_blocks`), one per
+pack after the packer; rows are buffered up to `limits.rows_per_file`.
 """
 
 from __future__ import annotations

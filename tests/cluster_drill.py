@@ -12,9 +12,9 @@ loopback to see. The drill still lists every listening socket (`ss -ltn`) before
 if one is not on loopback.
 
 drills.json: {"drills": {NAME: {"job": job.yaml, "kill": "worker" | "infer" | "driver" | "none",
-"after_files": 1, "timeout_s": 300}, ...}}. "worker" loses a worker node, "infer" the node hosting the
-GPU-stage actor, "driver" SIGKILLs the driver of a job submitted through the Jobs API and submits the same job
-again.
+"after_files": 1, "timeout_s": 300}, ...}}. "worker" loses a worker node that does not host the GPU-stage
+actor, "infer" the worker node that does, "driver" SIGKILLs the driver of a job submitted through the Jobs
+API and submits the same job again.
 results.json: {NAME: result}; a result holds the listeners, what was killed and when, the exit status, wall
 time and the driver's output.
 """
@@ -250,11 +250,13 @@ def run_and_lose_a_node(cluster: Cluster, spec: dict, out: Path, result: dict) -
         )  # fmt: skip
     if spec["kill"] != "none":
         wait_for_output(out, spec.get("after_files", 1), lambda: driver.poll() is None)
-        victim = cluster.workers[0]
+        hosts = {cluster.node_of(pid) for pid in processes_matching(b"MapBatches(Infer)")}
+        result["infer_hosts"] = sorted(h for h in hosts if h)
         if spec["kill"] == "infer":
-            hosts = [cluster.node_of(pid) for pid in processes_matching(b"MapBatches(Infer)")]
-            result["infer_hosts"] = hosts
-            victim = next((h for h in hosts if h and h != "head"), None) or victim
+            victims = [w for w in cluster.workers if w in hosts]
+        else:  # a node of CPU stages only: the GPU stage lives on
+            victims = [w for w in cluster.workers if w not in hosts]
+        victim = (victims or cluster.workers)[0]
         if driver.poll() is None:
             cluster.kill(victim)
             result["killed"] = {"node": victim, "after_s": time.monotonic() - started}
