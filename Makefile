@@ -23,12 +23,15 @@ lint: $(STAMP)
 browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 
-# The tests marked alone (a three-node cluster's drills) run first with nothing beside them: next to another
-# test's Ray, the cluster took minutes to start a job. Then two pytest workers share the CI machine's 2 cores;
-# each takes whole files (loadfile), so a module's fixtures are built once, and the files with slow tests
-# (killed jobs, soak) are handed out first (tests/conftest.py) with the short ones filling in beside them.
-test: $(STAMP) lint browser
-	$(VENV)/bin/pytest -q -m alone --durations=5
+# The tests marked alone (a three-node cluster's drills) run first with no other test beside them: next to
+# another test's Ray, the cluster took minutes to start a job. Chromium installs meanwhile (disk and network,
+# while the drills wait on Ray), its log shown if it fails. Then two pytest workers share the CI machine's 2
+# cores; each takes whole files (loadfile), so a module's fixtures are built once, and the files with slow
+# tests (killed jobs, soak) are handed out first (tests/conftest.py) with the short ones filling in beside.
+test: $(STAMP) lint
+	@$(MAKE) -s browser > $(VENV)/browser.log 2>&1 & browser=$$!; \
+	$(VENV)/bin/pytest -q -m alone --durations=5; drills=$$?; \
+	wait $$browser || { cat $(VENV)/browser.log; exit 1; }; exit $$drills
 	$(VENV)/bin/pytest -q -n 2 --dist loadfile -m "not alone" --durations=30
 
 demo: $(STAMP)
