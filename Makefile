@@ -20,8 +20,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 # Headless Chromium renders the HTML report in its test (Debian's package; CI runs as root in a fresh clone).
+INSTALL_BROWSER := command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 browser:
-	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+	@$(INSTALL_BROWSER)
 
 # The tests marked alone (a three-node cluster's drills) run first with no other test beside them: next to
 # another test's Ray, the cluster took minutes to start a job. Chromium installs meanwhile (disk and network,
@@ -29,7 +30,7 @@ browser:
 # cores; each takes whole files (loadfile), so a module's fixtures are built once, and the files with slow
 # tests (killed jobs, soak) are handed out first (tests/conftest.py) with the short ones filling in beside.
 test: $(STAMP) lint
-	@$(MAKE) -s browser > $(VENV)/browser.log 2>&1 & browser=$$!; \
+	@( $(INSTALL_BROWSER) ) > $(VENV)/browser.log 2>&1 & browser=$$!; \
 	$(VENV)/bin/pytest -q -m alone --durations=5; drills=$$?; \
 	wait $$browser || { cat $(VENV)/browser.log; exit 1; }; exit $$drills
 	$(VENV)/bin/pytest -q -n 2 --dist loadfile -m "not alone" --durations=30

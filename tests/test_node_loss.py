@@ -142,7 +142,8 @@ def drills(tmp_path_factory, tiny_checkpoint) -> dict[str, tuple[dict, dict, int
 def test_losing_a_worker_node_mid_caption_job(drills):
     job, out, windows = drills["worker-caption"]
     checked(out)
-    assert out["killed"] and out["killed"]["node"] not in out["infer_hosts"], out.get("infer_hosts")
+    hosts = out["infer_hosts"]  # found, so that the node lost is known to be one of CPU stages only
+    assert out["killed"] and hosts and out["killed"]["node"] not in hosts, hosts
     assert_every_unit_once(out, Path(job["output"]), windows, "window_index")
 
 
