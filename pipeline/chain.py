@@ -13,6 +13,7 @@ from dataclasses import asdict
 from typing import Any
 
 from pipeline import storage
+from pipeline.attempts import PackStarts
 from pipeline.budget import model_context
 from pipeline.decode.stage import DecodeUnits, make_decoder
 from pipeline.faults import InferFaults
@@ -93,8 +94,11 @@ def packs_in_flight(n: int) -> dict[str, Any]:
     }
 
 
-def build_dataset(job: JobBase, items: list[Item], job_id: str, model: tuple[str, str]):
-    """The chain of stages over `items`; `model` is the checkpoint's (name, fingerprint)."""
+def build_dataset(
+    job: JobBase, items: list[Item], job_id: str, model: tuple[str, str], pack_ledger: Any = None
+):
+    """The chain of stages over `items`; `model` is the checkpoint's (name, fingerprint); `pack_ledger`
+    (pipeline/attempts.py) bounds the starts of each pack on the GPU workers."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
@@ -157,16 +161,18 @@ def build_dataset(job: JobBase, items: list[Item], job_id: str, model: tuple[str
                 "gpu_share": num_gpus,
                 "faults": InferFaults.for_output(job.output),
                 "json_schema": task.json_schema(job),
+                "starts": PackStarts(pack_ledger, job.limits.infer_retries),
             },
             batch_size=1,  # one pack per call; several calls at once keep the engine full across packs
             batch_format="pyarrow",
             compute=ActorPoolStrategy(size=r.gpu_workers, **packs_in_flight(r.max_packs_in_flight)),
             num_gpus=num_gpus,
             num_cpus=cpus,
-            # A dead GPU worker is restarted (model loaded again) and its batches redone, a bounded number
-            # of times: Ray's default is forever, which a batch that kills every worker turns into a hang.
-            # Rows of a first attempt that already reached the driver are dropped there as repeats.
+            # A dead GPU worker is restarted (model loaded again) and its batches redone. Ray retries them
+            # without end; the pack ledger bounds how often each one starts (limits.infer_retries), which
+            # Ray's own bound cannot: it also spends retries on a worker still loading its model. Rows of
+            # a first attempt that already reached the driver are dropped there as repeats.
             max_restarts=-1,
-            max_task_retries=job.limits.infer_retries,
+            max_task_retries=-1,
         )
     return ds.map_batches(Postprocess(job, *model), batch_format="pyarrow", num_cpus=POSTPROCESS_CPUS)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import storage
+from pipeline.attempts import start_ledger
 from pipeline.budget import gpu_layout
 from pipeline.chain import build_dataset
 from pipeline.infer import model_identity
@@ -193,6 +194,7 @@ def execute(
 ) -> RunStats:
     """Stream the dataset into the writer, counting into `run`; items whose rows did not all arrive become
     one error row."""
+    import ray
     from ray.data import DataContext
     from ray.data.exceptions import ExecutionTimeoutError
 
@@ -220,6 +222,8 @@ def execute(
         on_item=run.add if line is None else lambda rows: (run.add(rows), line.item(rows)),
     )
     missing = todo
+    ledger = start_ledger(job.limits.infer_retries)
+    given_up: dict[str, int] = {}
     try:
         for attempt in range(1 + job.limits.lost_item_passes):
             if attempt:
@@ -227,9 +231,10 @@ def execute(
                     "%d item(s) lost their results (a lost node or worker); running them again (pass %d of "
                     "at most %d)", len(missing), attempt + 1, 1 + job.limits.lost_item_passes,
                 )  # fmt: skip
+                ray.get(ledger.new_pass.remote())
             # No prefetch: Ray's iterator would hold each block until the next one arrives, so a stalled
             # or killed run would not have committed everything that had reached the driver.
-            batches = build_dataset(job, missing, job_id, model).iter_batches(
+            batches = build_dataset(job, missing, job_id, model, pack_ledger=ledger).iter_batches(
                 batch_format="pyarrow", batch_size=None, prefetch_batches=0
             )
             try:
@@ -245,17 +250,29 @@ def execute(
             missing = [it for it in missing if it.item_id not in writer.assembler.completed]
             if not missing:
                 break
+        given_up = ray.get(ledger.items_given_up.remote()) if missing else {}
     except BaseException:
         writer.flush()  # items that arrived whole are kept; the rest is redone by the next run
         if line is not None:
             line.close()
         raise
+    finally:
+        try:
+            ray.kill(ledger)
+        except Exception:  # the cluster is gone, and the ledger with it
+            pass
     run.repeats = writer.assembler.duplicates
     incomplete = writer.assembler.incomplete()
     for it in missing:
         got = len(incomplete.get(it.item_id, []))
         lost = f"only {got} of its results came back" if got else "no result came back"
-        message = f"{lost} (a worker failed on it for good, see the Ray logs); the next run redoes it"
+        why = "a worker failed on it for good, see the Ray logs"
+        if it.item_id in given_up:
+            why = (
+                f"its batch started on a GPU worker {given_up[it.item_id]} times and the worker died each "
+                f"time, limits.infer_retries={job.limits.infer_retries}"
+            )
+        message = f"{lost} ({why}); the next run redoes it"
         writer.add_item([item_error_row(it, job_id, task.unit_key, message)])
     writer.flush()
     if line is not None:

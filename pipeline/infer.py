@@ -42,6 +42,7 @@ import pyarrow as pa
 import torch
 
 from model.engine.ranks import RankFailed
+from pipeline.attempts import PackStarts
 from pipeline.faults import InferFaults
 from pipeline.packing import unpack_table
 from pipeline.rows import BUSY_S, INPUT_IDS, PIXELS, RecordModel, error_fields, pixels_at, result_schema
@@ -372,6 +373,7 @@ class Infer:
         tensor_parallel_size: int = 1,
         cpu_threads: float | None = None,
         json_schema: dict | None = None,
+        starts: PackStarts | None = None,
     ):
         threads = torch_threads(cpu_threads) if pick_device(device) == "cpu" else None
         # Ray sets OMP_NUM_THREADS to the actor's CPUs rounded down (1 for a fraction): a CPU worker computes
@@ -388,12 +390,14 @@ class Infer:
         )
         self.schema = result_schema(record)
         self.faults = faults or InferFaults()
+        self.starts = starts or PackStarts()
         self.lock = threading.Lock()
         self.packs_in_flight = 0  # calls running now: the packs this worker holds
 
     def run_pack(self, table: pa.Table) -> list[dict[str, Any]]:
         """One pack's rows with their generations; its units share the engine with other packs' units."""
         rows = table.drop_columns([PIXELS]).to_pylist()
+        self.starts.check(rows)
         todo = [i for i, r in enumerate(rows) if r["status"] == "ok"]
         futures = [self.feeder.submit(UnitPrompt(rows[i][INPUT_IDS], pixels_at(table, i))) for i in todo]
         for i, future in zip(todo, futures):

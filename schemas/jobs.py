@@ -226,8 +226,9 @@ class Limits(Strict):
     infer_retries: int = Field(
         3,
         ge=0,
-        description="Times a batch is retried on a restarted GPU worker after its worker died; after that "
-        "its items become error rows (stage pipeline) and the next run redoes them.",
+        description="Times a batch is started again on a restarted GPU worker after its worker died; after "
+        "that its items are run again in a further pass (lost_item_passes) or become error rows (stage "
+        "pipeline) that the next run redoes.",
     )
     lost_item_passes: int = Field(
         1,

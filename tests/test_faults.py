@@ -152,7 +152,8 @@ def test_a_batch_that_kills_every_worker_costs_its_items_not_the_job(
     tmp_path, tiny_checkpoint, ray_local, monkeypatch
 ):
     """Retries are bounded (limits.infer_retries): after them the lost items are error rows, and the next
-    run redoes them."""
+    run redoes them. Ray retries without end; what bounds them is the count of the pack's starts (Ray's own
+    bound also spent retries that reached the worker before its restart was known, and never ran)."""
     docs = tmp_path / "docs"
     docs.mkdir()
     for name in ("a.png", "poison.png"):
@@ -166,7 +167,8 @@ def test_a_batch_that_kills_every_worker_costs_its_items_not_the_job(
     (row,) = rows["poison.png"].itertuples()
     assert row.status == "error" and row.error_stage == "pipeline"
     assert "poison.png: no result came back" in row.error_message
-    assert "next run redoes it" in row.error_message
+    assert "started on a GPU worker 2 times and the worker died each time" in row.error_message
+    assert "limits.infer_retries=1" in row.error_message and "next run redoes it" in row.error_message
     assert set(rows) == {"a.png", "poison.png"} and first.finished
     # The worker is healthy again: the rerun redoes the lost item and only that.
     monkeypatch.delenv(FAULT_INFER_EXIT_ENV)
@@ -367,3 +369,28 @@ def test_a_stage_that_can_never_start_stops_the_job_at_the_no_progress_bound(
     rows = rows_by_name(out)
     assert summary.finished and sorted(rows) == ["p0.png", "p1.png", "p2.png"]
     assert all((g.status == "ok").all() for g in rows.values())
+
+
+def test_the_pack_ledger_allows_each_pack_its_starts_and_names_the_items_it_gave_up(monkeypatch):
+    """Plain objects, no Ray: the count the GPU stage consults before it runs a pack."""
+    from pipeline.attempts import PackAttempts, PackGivenUp, PackStarts, pack_key
+
+    rows = [{"item_id": "b", "uri": "/d/b.png", "unit_ordinal": 0}, {"item_id": "a", "uri": "s3://x/a.pdf",
+            "unit_ordinal": 1}]  # fmt: skip
+    assert pack_key(rows) == pack_key(rows[::-1]) != pack_key(rows[:1])
+    ledger = PackAttempts(starts_allowed=2)
+    assert [ledger.begin(pack_key(rows), ["a", "b"]) for _ in range(3)] == [True, True, False]
+    assert ledger.begin(pack_key(rows[:1]), ["b"]) and ledger.items_given_up() == {"a": 2, "b": 2}
+    ledger.new_pass()  # the missing items regrouped: every pack has its starts again
+    assert ledger.begin(pack_key(rows), ["a", "b"]) and ledger.items_given_up() == {}
+
+    class Remote:  # what a Ray actor handle looks like to the stage, over the same ledger
+        def __init__(self, ledger):
+            self.begin = type("Method", (), {"remote": staticmethod(ledger.begin)})
+
+    monkeypatch.setattr(ray, "get", lambda value: value)
+    starts = PackStarts(Remote(PackAttempts(1)), infer_retries=0)
+    starts.check(rows)
+    with pytest.raises(PackGivenUp, match=r"2 unit\(s\) \(a.pdf, b.png\) started on a GPU worker 1 time"):
+        starts.check(rows)
+    PackStarts().check(rows)  # outside Ray: nothing counts

@@ -206,7 +206,7 @@ def test_results_that_never_arrive_are_run_again_then_become_error_rows(
     job = validate_job({**spec, "limits": {"lost_item_passes": passes}})
     calls: list[set[str]] = []
 
-    def fake_dataset(job, items, job_id, model):
+    def fake_dataset(job, items, job_id, model, **_):
         calls.append({Path(it.uri).name for it in items})
         ids = {Path(it.uri).name: it.item_id for it in items}
 
@@ -324,7 +324,7 @@ def test_a_failed_run_keeps_whole_items_and_the_rerun_does_the_rest(
             yield pa.Table.from_pylist([self.row])
             raise ConnectionError("the Ray cluster went away")
 
-    monkeypatch.setattr(job_module, "build_dataset", lambda job, items, job_id, model: Dies(items, job_id))
+    monkeypatch.setattr(job_module, "build_dataset", lambda job, items, job_id, *_, **__: Dies(items, job_id))
     with pytest.raises(ConnectionError):
         run_job(job, progress=False)
     assert manifest(job)["status"] == "failed" and "went away" in manifest(job)["error"]
