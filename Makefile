@@ -24,11 +24,11 @@ INSTALL_BROWSER := command -v chromium >/dev/null || { apt-get update -qq && apt
 browser:
 	@$(INSTALL_BROWSER)
 
-# The tests marked alone (a three-node cluster's drills) run first with no other test beside them: next to
-# another test's Ray, the cluster took minutes to start a job. Chromium installs meanwhile (disk and network,
-# while the drills wait on Ray), its log shown if it fails. Then two pytest workers share the CI machine's 2
-# cores; each takes whole files (loadfile), so a module's fixtures are built once, and the files with slow
-# tests (killed jobs, soak) are handed out first (tests/conftest.py) with the short ones filling in beside.
+# The tests marked alone run first with no other test beside them: a three-node cluster's drills (next to
+# another test's Ray, the cluster took minutes to start a job) and long videos decoded with FFmpeg's threads.
+# Chromium installs meanwhile (disk and network), its log shown if it fails. Then two pytest workers share
+# the CI machine's 2 cores; each takes whole files (loadfile), so a module's fixtures are built once, and the
+# longest units go out first (tests/conftest.py) with the short files filling in beside.
 test: $(STAMP) lint
 	@( $(INSTALL_BROWSER) ) > $(VENV)/browser.log 2>&1 & browser=$$!; \
 	$(VENV)/bin/pytest -q -m alone --durations=5; drills=$$?; \

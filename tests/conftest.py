@@ -191,8 +191,31 @@ def s3(s3_server, monkeypatch) -> S3:
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """Files with slow tests first, each file's tests in their order: under `pytest -n 2 --dist loadfile`
-    the longest files start first and the short ones fill in after, so neither worker is left with a long
-    file at the end."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order inside a file stays
+    """The longest work first, each file's tests in their order: under `pytest -n 2 --dist loadfile` the
+    files sharing `pipeline_runs` (one unit, see below) start first, then the files with slow tests, and the
+    short ones fill in after, so neither worker is left with a long file at the end."""
+    shared = {item.path for item in items if "pipeline_runs" in getattr(item, "fixturenames", ())}
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: (item.path not in shared, item.path not in slow))  # stable within a file
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`, except that the files using `pipeline_runs` go to one worker together, so the two
+    jobs of that session fixture run once, not once in each worker; units go out in collection order."""
+    if config.getoption("dist", None) != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    config.option.loadscopereorder = False  # xdist's default hands out the units with most tests first
+
+    class SharedRunsScheduling(LoadFileScheduling):
+        uses: dict[str, bool] = {}
+
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            if path not in self.uses:
+                file = config.rootpath / path
+                self.uses[path] = file.is_file() and "pipeline_runs" in file.read_text()
+            return "pipeline_runs" if self.uses[path] else path
+
+    return SharedRunsScheduling(config, log)

@@ -34,6 +34,9 @@ CPU = {  # how the job runs here, not how it sizes windows
 # The runs generate a few tokens, not the default 512 the random model would spend on noise; the windows and
 # pages are still sized to fit the context with what the job generates, which is what is checked.
 RUN_SAMPLING = {"sampling": {"max_new_tokens": 8}}
+# Minutes of 1080p and 4K decoded with FFmpeg's threads: beside another test's Ray actors and ranks those
+# threads got a small share of the cores and the file took several times as long as alone.
+pytestmark = pytest.mark.alone
 
 
 @pytest.fixture(scope="module")
