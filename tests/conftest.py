@@ -193,10 +193,16 @@ def s3(s3_server, monkeypatch) -> S3:
 def pytest_collection_modifyitems(session, config, items):
     """The longest work first, each file's tests in their order: under `pytest -n 2 --dist loadfile` the
     files sharing `pipeline_runs` (one unit, see below) start first, then the files with slow tests, and the
-    short ones fill in after, so neither worker is left with a long file at the end."""
+    short ones fill in after, so neither worker is left with a long file at the end. Of the tests run alone,
+    the slow ones (the cluster drills, which mostly wait on Ray) go first, beside the Chromium install."""
     shared = {item.path for item in items if "pipeline_runs" in getattr(item, "fixturenames", ())}
     slow = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: (item.path not in shared, item.path not in slow))  # stable within a file
+
+    def order(item):
+        alone_and_quick = bool(item.get_closest_marker("alone")) and not item.get_closest_marker("slow")
+        return item.path not in shared, item.path not in slow, alone_and_quick
+
+    items.sort(key=order)  # stable: otherwise the order inside a file stays
 
 
 def pytest_xdist_make_scheduler(config, log):

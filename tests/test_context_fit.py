@@ -34,20 +34,20 @@ CPU = {  # how the job runs here, not how it sizes windows
 # The runs generate a few tokens, not the default 512 the random model would spend on noise; the windows and
 # pages are still sized to fit the context with what the job generates, which is what is checked.
 RUN_SAMPLING = {"sampling": {"max_new_tokens": 8}}
-# Minutes of 1080p and 4K decoded with FFmpeg's threads: beside another test's Ray actors and ranks those
-# threads got a small share of the cores and the file took several times as long as alone.
-pytestmark = pytest.mark.alone
+
+
+def make_videos(root, names) -> None:
+    root.mkdir()
+    for name in names:
+        seconds, fps, size = FIT_VIDEOS[name]
+        make_flat_video(root / name, seconds, fps, size)
 
 
 @pytest.fixture(scope="module")
 def fit_media(tmp_path_factory):
+    """What the end-to-end run reads: the short videos, a broken one, a large page and a broken PDF."""
     root = tmp_path_factory.mktemp("fit-media")
-    (root / "all").mkdir()
-    (root / "run").mkdir()
-    for name, (seconds, fps, size) in FIT_VIDEOS.items():
-        path = make_flat_video(root / "all" / name, seconds, fps, size)
-        if name in RUN_VIDEOS:
-            (root / "run" / name).symlink_to(path)
+    make_videos(root / "run", RUN_VIDEOS)
     make_random_bytes(root / "run" / "broken.mp4")
     (root / "docs").mkdir()
     # An A0 page and a letter page: at 600 dpi both would be far over any context.
@@ -56,14 +56,19 @@ def fit_media(tmp_path_factory):
     return root
 
 
-def test_default_windows_fit_the_context_and_cover_every_video(fit_media, tiny_checkpoint):
-    job = validate_job({"kind": "caption_videos", "inputs": [str(fit_media / "all")], "output": "unused",
+# Minutes of 1080p and 4K decoded with FFmpeg's threads: beside another test's Ray actors and ranks those
+# threads got a small share of the cores, and the test took five times as long as alone.
+@pytest.mark.alone
+def test_default_windows_fit_the_context_and_cover_every_video(tmp_path, tiny_checkpoint):
+    videos = tmp_path / "videos"
+    make_videos(videos, FIT_VIDEOS)
+    job = validate_job({"kind": "caption_videos", "inputs": [str(videos)], "output": "unused",
                         "model": str(tiny_checkpoint)})
     context = model_context(job.model)
     processor = Processor.from_pretrained(job.model)
     decode = make_decoder(job, isolated=False)()
     for name, (seconds, fps, _) in FIT_VIDEOS.items():
-        rows = list(decode({"uri": str(fit_media / "all" / name), "item_id": name}))
+        rows = list(decode({"uri": str(videos / name), "item_id": name}))
         assert all(r["status"] == "ok" for r in rows), (name, [r.get("error_message") for r in rows])
         frames = max(1, round(seconds * fps))
         assert [r["window_index"] for r in rows] == list(range(rows[0]["num_windows"]))
