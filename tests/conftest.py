@@ -202,7 +202,7 @@ def pytest_collection_modifyitems(session, config, items):
         alone_and_quick = bool(item.get_closest_marker("alone")) and not item.get_closest_marker("slow")
         return item.path not in shared, item.path not in slow, alone_and_quick
 
-    items.sort(key=order)  # stable: otherwise the order inside a file stays
+    items.sort(key=order)  # a stable sort: apart from these keys, each file keeps its tests' order
 
 
 def pytest_xdist_make_scheduler(config, log):
